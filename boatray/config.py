@@ -1,0 +1,344 @@
+"""The experiment config: dataclasses loaded from YAML, `--set a.b=c` overrides, validation.
+
+The config is checked once, here; code deeper down trusts it. A bad key, type or value is a
+`BoatrayError` whose one-line message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from boatray.errors import BoatrayError
+
+FREEZE_SPECS = ("fc", "layer4", "layer3", "layer2", "layer1", "all", "gradual")
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "bettercnn")
+
+
+def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None, each_choices: tuple | None = None) -> Any:
+    """A dataclass field with validation metadata."""
+    meta = {"choices": choices, "min": min, "max": max, "each_choices": each_choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SyntheticConfig:
+    """A generated ImageFolder tree (used when `data.source` is null)."""
+
+    classes: int = _opt(4, min=2, max=64)
+    train_per_class: int = _opt(40, min=2)
+    test_per_class: int = _opt(12, min=1)
+    image_size: tuple[int, int] = _opt((48, 160), min=8)
+    imbalance: float = _opt(3.0, min=1.0)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split and fed."""
+
+    source: str | None = None
+    protocol: str = _opt("lab16", choices=("lab16", "full"))
+    valid_fraction: float = _opt(0.15, min=0.0, max=0.9)
+    image_size: tuple[int, int] = _opt((240, 800), min=8)
+    augment: bool = False
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: a registry name, its weights and the global pooling."""
+
+    name: str = _opt("resnet50", choices=MODELS)
+    weights: str = "IMAGENET1K_V1"
+    pooling: str = _opt("avg", choices=("avg", "max"))
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run: the Ray Train worker loop's settings."""
+
+    epochs: int = _opt(10, min=1)
+    batch_size: int = _opt(32, min=1)
+    optimizer: str = _opt("adam", choices=("adam", "adamw", "sgd"))
+    lr: float = _opt(1e-3, min=0.0)
+    weight_decay: float = _opt(0.0, min=0.0)
+    momentum: float = _opt(0.9, min=0.0, max=1.0)
+    scheduler: str = _opt("none", choices=("none", "plateau", "cosine", "step"))
+    step_size: int = _opt(5, min=1)
+    gamma: float = _opt(0.1, min=0.0, max=1.0)
+    plateau_factor: float = _opt(0.1, min=0.0, max=1.0)
+    plateau_patience: int = _opt(3, min=0)
+    freeze: str = _opt("fc", choices=FREEZE_SPECS)
+    gradual_every: int = _opt(2, min=1)
+    lr_decay: float = _opt(1.0, min=0.0, max=1.0)
+    class_weighted_loss: bool = False
+    balanced_sampler: bool = False
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    cache_prefix: bool = True
+    seed: int = 0
+    num_workers: int = _opt(1, min=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = _opt(1.0, min=0.0)
+    loader_workers: int = _opt(2, min=0)
+    max_failures: int = _opt(1, min=0)
+
+
+@dataclass
+class AshaConfig:
+    """ASHA early stopping on the sweep's validation loss."""
+
+    enabled: bool = True
+    grace_period: int = _opt(2, min=1)
+    reduction_factor: float = _opt(2.0, min=1.01)
+
+
+@dataclass
+class SweepConfig:
+    """The Ray Tune search over freezing depth and learning rate (x scheduler)."""
+
+    enabled: bool = True
+    freeze: list[str] = _opt(["fc", "layer4", "layer3", "layer2", "all", "gradual"],
+                             each_choices=FREEZE_SPECS)
+    lr: list[float] = _opt([1e-2, 1e-3, 1e-4, 1e-5])
+    scheduler: list[str] = _opt(["none"], each_choices=("none", "plateau", "cosine", "step"))
+    search: str = _opt("grid", choices=("grid", "random", "optuna"))
+    num_samples: int = _opt(8, min=1)
+    repeats: int = _opt(1, min=1)
+    metric: str = _opt("valid_macro_f1",
+                       choices=("valid_macro_f1", "valid_accuracy", "valid_loss"))
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    max_concurrent_trials: int = _opt(1, min=1)
+    tensorboard: bool = False
+    mlflow: bool = False
+
+
+@dataclass
+class BaselineConfig:
+    """The lab's BetterCNN trained from scratch by the same loop."""
+
+    enabled: bool = True
+    image_size: tuple[int, int] = _opt((30, 100), min=8)
+    epochs: int = _opt(10, min=1)
+    lr: float = _opt(1e-3, min=0.0)
+    optimizer: str = _opt("adam", choices=("adam", "adamw", "sgd"))
+    batch_size: int = _opt(32, min=1)
+
+
+@dataclass
+class FeaturesConfig:
+    """Ray Data feature extraction with the backbone trunk."""
+
+    enabled: bool = True
+    batch_size: int = _opt(64, min=1)
+    num_actors: int | None = _opt(None, min=1)
+    cpus_per_actor: float = _opt(1.0, min=0.0)
+    use_gpu: bool = False
+
+
+@dataclass
+class SvmConfig:
+    """The classical heads fitted on the driver: RBF SVM and a logistic-regression probe."""
+
+    C: list[float] = _opt([0.1, 1.0, 10.0, 100.0])
+    gamma: list[Union[float, str]] = _opt(["scale"])
+    class_weight: str | None = _opt(None, choices=(None, "balanced"))
+    refit: str = _opt("train+valid", choices=("train", "train+valid"))
+    probe: bool = True
+    probe_C: list[float] = _opt([0.01, 0.1, 1.0])
+
+
+@dataclass
+class ReportConfig:
+    """The comparison report."""
+
+    bootstrap: int = _opt(1000, min=100)
+
+
+@dataclass
+class Experiment:
+    """A whole study: data, fine-tuning sweep, features + SVM, baseline, report."""
+
+    name: str = "lab6"
+    storage_path: str = "results"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    svm: SvmConfig = field(default_factory=SvmConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    @property
+    def results_dir(self) -> Path:
+        """results/<experiment>/ (under storage_path)."""
+        return Path(self.storage_path) / self.name
+
+    def to_dict(self) -> dict:
+        """A plain, YAML/JSON-ready dict of every setting."""
+        return to_dict(self)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses to plain dicts, tuples to lists."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a preset shipped with the package (`smoke`)."""
+    path = Path(str(resources.files("boatray") / "presets" / f"{name}.yaml"))
+    if not path.is_file():
+        raise BoatrayError(f"unknown preset {name!r}")
+    return path
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Load an experiment from YAML (None: the built-in smoke preset) plus `a.b=value` overrides."""
+    raw = _read_yaml(Path(path) if path is not None else preset_path("smoke"))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BoatrayError(f"override {item!r} must look like section.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> Experiment:
+    """Build and validate an Experiment from a nested dict."""
+    return _build(Experiment, raw, "")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise BoatrayError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise BoatrayError(f"{path}{where}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise BoatrayError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise BoatrayError(f"override {key}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BoatrayError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise BoatrayError(
+            f"unknown key '{prefix}{unknown[0]}' (allowed in "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)})")
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key + ".")
+        else:
+            values[name] = _check(key, _coerce(key, hint, value), fields[name].metadata)
+    return cls(**values)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        for arg in sorted(args, key=lambda a: a is str):  # try str last: "1e-3" is a number
+            try:
+                return _coerce(key, arg, value)
+            except BoatrayError:
+                continue
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(key, a, v) for a, v in zip(args, value))
+        raise BoatrayError(f"{key} must be a list of {len(args)} numbers, got {value!r}")
+    elif origin is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(key, args[0], v) for v in items]
+    elif hint is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise BoatrayError(f"{key} must be {_type_name(hint)}, got {value!r}")
+
+
+def _check(key: str, value: Any, meta: typing.Mapping) -> Any:
+    choices, each = meta.get("choices"), meta.get("each_choices")
+    if choices is not None and value not in choices:
+        allowed = ", ".join("null" if c is None else str(c) for c in choices)
+        raise BoatrayError(f"{key} must be one of {allowed}; got {value!r}")
+    for item in value if each is not None else ():
+        if item not in each:
+            raise BoatrayError(f"{key} entries must be among {', '.join(each)}; got {item!r}")
+    low, high = meta.get("min"), meta.get("max")
+    for number in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if low is not None and number < low:
+                raise BoatrayError(f"{key} must be >= {low}, got {number}")
+            if high is not None and number > high:
+                raise BoatrayError(f"{key} must be <= {high}, got {number}")
+    if isinstance(value, list) and not value:
+        raise BoatrayError(f"{key} must not be empty")
+    return value
