@@ -8,7 +8,7 @@ so that uint8 tensors (4x smaller than float32) cross process and host-to-device
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -1,0 +1,112 @@
+"""Which files are images, whether they are intact, and the log of what preparation left out.
+
+The integrity check is fast (a few milliseconds for thousands of files): a JPEG is intact when
+it is not empty, PIL parses its header and its last bytes are the end-of-image marker. PIL's
+header check alone accepts a truncated JPEG, so the end marker is what catches truncation;
+a file that fails that fast check (or is not a JPEG) is fully decoded, and kept only when
+PIL decodes it completely, exactly as the training pipeline will.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+TAIL_BYTES = 64
+
+
+def is_image_name(path: Path) -> bool:
+    """An image by its suffix (what the checker then opens)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def is_hidden(path: Path) -> bool:
+    """Hidden files and archive clutter (`.DS_Store`, `._x.jpg`, `__MACOSX/`)."""
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as an image, or None when it is intact."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with path.open("rb") as handle:
+            head = handle.read(2)
+            handle.seek(max(0, size - TAIL_BYTES))
+            tail = handle.read().rstrip(b"\x00")
+        with Image.open(path) as image:
+            image.verify()
+        if head == JPEG_START and tail.endswith(JPEG_END):
+            return None
+        with Image.open(path) as image:
+            image.load()
+        return None
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"cannot decode ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+
+
+@dataclass
+class Exclusions:
+    """What preparation left out, counted by reason, with the files where there are files."""
+
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, problem)
+    labels: Counter = field(default_factory=Counter)  # test label without a training class
+    other: Counter = field(default_factory=Counter)  # reason -> count
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> a few names
+
+    def note(self, reason: str, example: str | None = None, count: int = 1) -> None:
+        """Count `count` items left out for `reason` (keeping a few examples to show)."""
+        self.other[reason] += count
+        if example is not None and len(self.examples.setdefault(reason, [])) < 5:
+            self.examples[reason].append(example)
+
+    def lines(self) -> list[str]:
+        """The printed summary: one line per reason, every unreadable file listed."""
+        out = []
+        if self.labels:
+            total = sum(self.labels.values())
+            out.append(f"excluded {total} test images whose label has no training class:")
+            out += [f"  {count:5d}  {label}" for label, count in sorted(self.labels.items())]
+        if self.unreadable:
+            out.append(f"excluded {len(self.unreadable)} unreadable image files:")
+            out += [f"  {path}: {problem}" for path, problem in self.unreadable]
+        for reason, count in sorted(self.other.items()):
+            shown = self.examples.get(reason, [])
+            more = f" (e.g. {', '.join(shown)})" if shown else ""
+            out.append(f"{reason}: {count}{more}")
+        return out or ["nothing excluded"]
+
+
+def keep_intact(paths: list[Path], exclusions: Exclusions) -> list[Path]:
+    """The paths that are intact images; the others are recorded in `exclusions`."""
+    kept = []
+    for path in paths:
+        problem = image_problem(path)
+        if problem is None:
+            kept.append(path)
+        else:
+            exclusions.unreadable.append((str(path), problem))
+    return kept
+
+
+def list_images(folder: Path, exclusions: Exclusions) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; other files are counted, not kept."""
+    images = []
+    for path in sorted(folder.iterdir()):
+        if is_hidden(path):
+            continue
+        if path.is_dir():
+            exclusions.note("ignored sub-folders of class folders", str(path))
+        elif is_image_name(path):
+            images.append(path)
+        else:
+            exclusions.note("ignored files that are not images", str(path))
+    return images
