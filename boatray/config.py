@@ -144,7 +144,12 @@ class FeaturesConfig:
     batch_size: int = _opt(64, min=1)
     num_actors: int | None = _opt(None, min=1)
     cpus_per_actor: float = _opt(1.0, min=0.0)
+    threads_per_actor: int | None = _opt(None, min=1)  # None: the node's cores / actors
     use_gpu: bool = False
+    stage: str = _opt("pool", choices=("stem", "layer1", "layer2", "layer3", "layer4", "pool"))
+    dtype: str = _opt("float32", choices=("float32", "float16"))
+    amp: bool = True  # bf16 autocast on GPU
+    channels_last: bool = True
 
 
 @dataclass
@@ -152,11 +157,12 @@ class SvmConfig:
     """The classical heads fitted on the driver: RBF SVM and a logistic-regression probe."""
 
     C: list[float] = _opt([0.1, 1.0, 10.0, 100.0])
-    gamma: list[Union[float, str]] = _opt(["scale"])
+    gamma: list[float | str] = _opt(["scale"])
     class_weight: str | None = _opt(None, choices=(None, "balanced"))
     refit: str = _opt("train+valid", choices=("train", "train+valid"))
     probe: bool = True
     probe_C: list[float] = _opt([0.01, 0.1, 1.0])
+    metric: str = _opt("macro_f1", choices=("macro_f1", "accuracy"))  # selection on valid
 
 
 @dataclass
@@ -318,9 +324,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
+    elif hint is str and isinstance(value, str):
+        return value
     raise BoatrayError(f"{key} must be {_type_name(hint)}, got {value!r}")
 
 

@@ -21,8 +21,9 @@ import os
 import platform
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -140,7 +141,8 @@ def read_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         run = json.loads((run_dir / RUN_JSON).read_text())
         predictions = pd.read_parquet(run_dir / PREDICTIONS)
     except FileNotFoundError as exc:
-        raise BoatrayError(f"{run_dir} is not a complete run folder: {exc.filename} is missing")
+        raise BoatrayError(
+            f"{run_dir} is not a complete run folder: {exc.filename} is missing") from None
     return predictions, run
 
 

@@ -33,7 +33,8 @@ def test_lab6_job_file_is_the_seeds_study():
 
 def test_overrides_and_yaml_number_spellings(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("name: t\ntrain: {lr: 1e-3}\nsweep: {lr: [1e-2, 3e-4]}\nsvm: {gamma: [scale, 1e-3]}\n")
+    path.write_text("name: t\ntrain: {lr: 1e-3}\nsweep: {lr: [1e-2, 3e-4]}\n"
+                    "svm: {gamma: [scale, 1e-3]}\n")
     exp = config.load(path, ["train.freeze=gradual", "data.image_size=[64, 200]",
                              "features.num_actors=2", "svm.class_weight=balanced"])
     assert exp.train.lr == 1e-3 and exp.sweep.lr == [1e-2, 3e-4]
