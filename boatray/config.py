@@ -169,7 +169,7 @@ class SvmConfig:
 class ReportConfig:
     """The comparison report."""
 
-    bootstrap: int = _opt(1000, min=100)
+    bootstrap: int = _opt(1000, min=1000)
 
 
 @dataclass

@@ -117,6 +117,10 @@ def host_info() -> dict[str, Any]:
         import ray
 
         info["ray"] = ray.__version__
+        if ray.is_initialized():
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            info["nodes"] = len(nodes)
+            info["cluster_gpus"] = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
     except ImportError:
         pass
     return info

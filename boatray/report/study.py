@@ -1,0 +1,207 @@
+"""Load a results folder into what the report works from: runs, configurations, the sweep.
+
+The report reads nothing but run folders (predictions.parquet + run.json, boatray.results)
+and, beside them, the sweep's trials.parquet and the experiment.json config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from boatray import metrics
+from boatray.config import FREEZE_SPECS
+from boatray.errors import BoatrayError
+from boatray.results import APPROACHES, find_runs, read_run
+
+TRIALS = "trials.parquet"
+EXPERIMENT = "experiment.json"
+APPROACH_NAMES = {"finetune": "fine-tune", "svm": "SVM (RBF) on features",
+                  "probe": "linear probe on features", "baseline": "BetterCNN from scratch"}
+
+
+@dataclass(eq=False)
+class Run:
+    """One run folder: its run.json record and its test predictions (sorted by path)."""
+
+    folder: Path
+    record: dict[str, Any]
+    test: pd.DataFrame
+    valid: pd.DataFrame
+
+    @property
+    def approach(self) -> str:
+        return str(self.record.get("approach", "unknown"))
+
+    @property
+    def seed(self) -> Any:
+        return self.record.get("seed")
+
+    @cached_property
+    def scores(self) -> dict[str, float]:
+        """metrics.scores of the test predictions."""
+        return metrics.scores(self.test)
+
+    @cached_property
+    def classification(self) -> pd.DataFrame:
+        """metrics.classification_table of the test predictions."""
+        return metrics.classification_table(self.test)
+
+
+@dataclass(eq=False)
+class Configuration:
+    """The runs of one configuration: several when it was repeated with different seeds."""
+
+    label: str
+    runs: list[Run]
+
+    @property
+    def approach(self) -> str:
+        return self.runs[0].approach
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """run.json of the representative run (the first seed)."""
+        return self.runs[0].record
+
+    @property
+    def tests(self) -> list[pd.DataFrame]:
+        return [run.test for run in self.runs]
+
+    @property
+    def selected(self) -> str | None:
+        return self.record.get("selected")
+
+
+@dataclass
+class Study:
+    """Everything one report is made of."""
+
+    results_dir: Path
+    configurations: list[Configuration]
+    trials: pd.DataFrame | None = None
+    experiment: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """experiment.json, else the config recorded in the first run.json."""
+        if self.experiment is not None:
+            return self.experiment
+        return self.configurations[0].record.get("config") or {}
+
+    def of(self, approach: str) -> list[Configuration]:
+        return [c for c in self.configurations if c.approach == approach]
+
+    @property
+    def missing(self) -> list[str]:
+        """Known approaches with no run here."""
+        return [a for a in APPROACHES if not self.of(a)]
+
+
+def load_study(results_dir: str | Path) -> Study:
+    """Read every run folder under `results_dir` plus its trials.parquet and experiment.json."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise BoatrayError(f"results folder not found: {root}")
+    notes: list[str] = []
+    runs = [run for folder in find_runs(root) if (run := _read(folder, root, notes)) is not None]
+    if not runs:
+        raise BoatrayError(f"no runs under {root} (a run folder holds predictions.parquet and "
+                           "run.json)")
+    return Study(root, _configurations(runs, notes), _trials(root, notes),
+                 _experiment(root, notes), notes)
+
+
+def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
+    where = folder.relative_to(root)
+    try:
+        predictions, record = read_run(folder)
+    except (OSError, ValueError) as exc:  # JSON or parquet that cannot be parsed
+        notes.append(f"{where}: left out, its files cannot be read ({type(exc).__name__})")
+        return None
+    missing = {"split", "path", "y_true", "y_pred"} - set(predictions.columns)
+    if missing:
+        notes.append(f"{where}: left out, predictions.parquet lacks {', '.join(sorted(missing))}")
+        return None
+    test = predictions[predictions["split"] == "test"]
+    if test.empty:
+        notes.append(f"{where}: left out, it has no test predictions")
+        return None
+    record.setdefault("name", str(where))
+    return Run(folder, record, test.sort_values("path", ignore_index=True),
+               predictions[predictions["split"] == "valid"].reset_index(drop=True))
+
+
+def _order(run: Run) -> tuple:
+    record = run.record
+    known = list(APPROACHES)
+    freeze = record.get("freeze")
+    return (known.index(run.approach) if run.approach in known else len(known),
+            record.get("selected") != "best",
+            FREEZE_SPECS.index(freeze) if freeze in FREEZE_SPECS else len(FREEZE_SPECS),
+            -float(record.get("lr") or 0.0), str(record.get("name")), str(run.seed))
+
+
+def _label(record: dict[str, Any]) -> str:
+    approach = str(record.get("approach", "unknown"))
+    if approach == "finetune" and record.get("freeze"):
+        parts = [f"fine-tune {record['freeze']}"]
+        if record.get("lr") is not None:
+            parts.append(f"lr {float(record['lr']):g}")
+        if record.get("scheduler") not in (None, "none"):
+            parts.append(str(record["scheduler"]))
+        return ", ".join(parts) + (" (best)" if record.get("selected") == "best" else "")
+    return APPROACH_NAMES.get(approach, approach)
+
+
+def _configurations(runs: list[Run], notes: list[str]) -> list[Configuration]:
+    groups: dict[tuple, list[Run]] = {}
+    for run in sorted(runs, key=_order):
+        key = (run.approach, run.record.get("config_id") or run.record["name"])
+        groups.setdefault(key, []).append(run)
+    configurations = []
+    for (_, key), members in groups.items():
+        first = members[0]
+        same = [r for r in members if r.test["path"].equals(first.test["path"])]
+        for run in members:
+            if run not in same:
+                notes.append(f"{run.record['name']}: left out of {key}, its test images differ "
+                             "from the other repeats'")
+        configurations.append(Configuration(_label(first.record), same))
+    labels = [c.label for c in configurations]
+    for configuration in configurations:
+        if labels.count(configuration.label) > 1:
+            configuration.label += f" [{configuration.record['name']}]"
+    return configurations
+
+
+def _trials(root: Path, notes: list[str]) -> pd.DataFrame | None:
+    path = root / TRIALS
+    if not path.is_file():
+        return None
+    try:
+        trials = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        notes.append(f"{TRIALS}: cannot be read ({type(exc).__name__}); no sweep section")
+        return None
+    if not {"trial_id", "epoch"} <= set(trials.columns):
+        notes.append(f"{TRIALS}: lacks trial_id/epoch columns; no sweep section")
+        return None
+    return trials
+
+
+def _experiment(root: Path, notes: list[str]) -> dict[str, Any] | None:
+    path = root / EXPERIMENT
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        notes.append(f"{EXPERIMENT}: not valid JSON; the config comes from run.json")
+        return None

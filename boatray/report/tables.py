@@ -1,0 +1,268 @@
+"""The report's tables as DataFrames of plain numbers (the CSV copies are exactly these)."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from boatray import metrics
+from boatray.config import FREEZE_SPECS
+from boatray.errors import BoatrayError
+from boatray.report.study import Configuration, Study
+from boatray.results import classes_of
+
+SIGNIFICANCE = 0.05
+SWEEP_METRICS = ("valid_macro_f1", "valid_accuracy", "valid_loss")
+SWEEP_KEYS = ("freeze", "lr", "scheduler")
+TIMINGS = ("wall_seconds", "device_seconds", "extraction_seconds", "fit_seconds",
+           "images_per_second")
+
+
+def _mean_of(configuration: Configuration, key: str) -> float:
+    values = [r.record.get(key) for r in configuration.runs]
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return float(np.mean(numbers)) if numbers else float("nan")
+
+
+def headline(study: Study, resamples: int, seed: int) -> pd.DataFrame:
+    """One row per configuration: test scores (mean over seeds), 95% CIs, time and speed-up."""
+    rows = []
+    for configuration in study.configurations:
+        tests = configuration.tests
+        mean = pd.DataFrame([run.scores for run in configuration.runs]).mean()
+        ci = metrics.bootstrap_ci(tests[0]["y_true"].to_numpy(),
+                                  np.vstack([t["y_pred"].to_numpy() for t in tests]),
+                                  len(classes_of(tests[0])), resamples=resamples, seed=seed)
+        rows.append({
+            "configuration": configuration.label, "approach": configuration.approach,
+            "seeds": len(tests), "n_test": len(tests[0]),
+            "accuracy": mean["accuracy"], "accuracy_lo": ci["accuracy"][0],
+            "accuracy_hi": ci["accuracy"][1], "macro_f1": mean["macro_f1"],
+            "macro_f1_lo": ci["macro_f1"][0], "macro_f1_hi": ci["macro_f1"][1],
+            **{k: mean[k] for k in ("weighted_precision", "weighted_recall", "weighted_f1",
+                                    "macro_precision", "macro_recall", "log_loss",
+                                    "top2_accuracy")},
+            "train_seconds": _mean_of(configuration, "wall_seconds"),
+            "images_per_second": _mean_of(configuration, "images_per_second"),
+        })
+    table = pd.DataFrame(rows)
+    table["speedup"] = table["train_seconds"].max() / table["train_seconds"]
+    return table
+
+
+def cost(study: Study) -> pd.DataFrame:
+    """Where the time went: every timing field of run.json (mean over seeds) and epochs run."""
+    return pd.DataFrame([{
+        "configuration": c.label, "approach": c.approach,
+        **{key: _mean_of(c, key) for key in TIMINGS},
+        "epochs": len(c.record.get("history") or []) or np.nan,
+    } for c in study.configurations])
+
+
+def repeat_scores(study: Study) -> pd.DataFrame:
+    """Test scores of every seed of the configurations that were repeated."""
+    return pd.DataFrame([
+        {"configuration": c.label, "seed": run.seed, **run.scores}
+        for c in study.configurations if len(c.runs) > 1 for run in c.runs])
+
+
+def repeat_summary(study: Study) -> pd.DataFrame:
+    """Mean and standard deviation over seeds, one row per repeated configuration and score."""
+    frames = [metrics.across_repeats([run.scores for run in c.runs])
+              .rename_axis("score").reset_index()
+              .assign(configuration=c.label)
+              for c in study.configurations if len(c.runs) > 1]
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)[["configuration", "score", "mean", "std",
+                                                  "repeats"]]
+
+
+def classification_reports(study: Study) -> pd.DataFrame:
+    """Every run's per-class precision, recall, F1 and support, long form."""
+    frames = [run.classification.rename_axis("class").reset_index()
+              .assign(configuration=c.label, seed=run.seed)
+              for c in study.configurations for run in c.runs]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["configuration", "seed", "class", "precision", "recall", "f1-score",
+                  "support"]]
+
+
+def per_class_f1(study: Study) -> pd.DataFrame:
+    """F1 of each class (rows, by name) for each configuration (columns; mean over seeds)."""
+    reports = classification_reports(study)
+    reports = reports[~reports["class"].isin(metrics.AVERAGES)]
+    table = reports.pivot_table(index="class", columns="configuration", values="f1-score",
+                                aggfunc="mean", sort=False)
+    support = reports.groupby("class", sort=False)["support"].first()
+    table = table[[c.label for c in study.configurations]]
+    table.insert(0, "support", support.loc[table.index])
+    return table.rename_axis(columns=None)
+
+
+def confusions(configurations: list[Configuration]) -> dict[str, pd.DataFrame]:
+    """The confusion matrix of each configuration's representative run (first seed)."""
+    return {c.label: metrics.confusion(c.tests[0]) for c in configurations}
+
+
+def best_finetune(study: Study) -> tuple[Configuration | None, str]:
+    """The fine-tune configuration the comparison uses, and how it was chosen (never by test)."""
+    candidates = study.of("finetune")
+    if not candidates:
+        return None, ""
+    marked = [c for c in candidates if c.selected == "best"]
+    if marked:
+        return marked[0], "the sweep selected it on the validation split"
+    if len(candidates) == 1:
+        return candidates[0], "it is the only fine-tuned configuration"
+    if all(not r.valid.empty for c in candidates for r in c.runs):
+        valid = {c.label: np.mean([metrics.scores(r.valid)["macro_f1"] for r in c.runs])
+                 for c in candidates}
+        best = max(candidates, key=lambda c: valid[c.label])
+        return best, "it has the highest validation macro F1 of the fine-tuned runs"
+    return candidates[0], "no run is marked best and validation predictions are missing"
+
+
+def contenders(study: Study) -> list[Configuration]:
+    """The best fine-tune and the first configuration of every other approach."""
+    best, _ = best_finetune(study)
+    others = [study.of(a)[0] for a in ("svm", "probe", "baseline") if study.of(a)]
+    return ([best] if best is not None else []) + others
+
+
+def meaning(a: str, b: str, test: metrics.McNemar) -> str:
+    """One plain sentence saying what a McNemar result means."""
+    if test.discordant == 0:
+        return f"{a} and {b} are right and wrong on exactly the same images: no difference."
+    if test.only_a_right == test.only_b_right:
+        verdict = "so the test set shows no difference between them"
+    elif test.p_value < SIGNIFICANCE:
+        winner = a if test.only_a_right > test.only_b_right else b
+        verdict = f"so {winner} is really the more accurate here (p < {SIGNIFICANCE:g})"
+    else:
+        verdict = "so this test set cannot tell them apart"
+    return (f"{a} is right on {test.only_a_right} test images where {b} is wrong and {b} on "
+            f"{test.only_b_right} where {a} is wrong; if both were equally accurate a split at "
+            f"least this uneven would happen with probability {test.p_value:.2g}, {verdict}.")
+
+
+def significance(study: Study) -> pd.DataFrame:
+    """McNemar's exact test between every pair of contenders (first seed of each)."""
+    rows = []
+    for a, b in combinations(contenders(study), 2):
+        try:
+            test = metrics.mcnemar(a.tests[0], b.tests[0])
+        except BoatrayError as exc:
+            rows.append({"a": a.label, "b": b.label, "meaning": f"{a.label} and {b.label} cannot "
+                         f"be compared: {exc}."})
+            continue
+        rows.append({"a": a.label, "b": b.label, "n": test.n, "only_a_right": test.only_a_right,
+                     "only_b_right": test.only_b_right, "p_value": test.p_value,
+                     "meaning": meaning(a.label, b.label, test)})
+    return pd.DataFrame(rows, columns=["a", "b", "n", "only_a_right", "only_b_right", "p_value",
+                                       "meaning"])
+
+
+def sweep_metric(study: Study) -> str | None:
+    """The validation metric the sweep selected by (config sweep.metric), if trials have it."""
+    if study.trials is None:
+        return None
+    wanted = (study.config.get("sweep") or {}).get("metric")
+    for name in (wanted, *SWEEP_METRICS):
+        if name in study.trials.columns:
+            return name
+    return None
+
+
+def _trial_config(trials: pd.DataFrame, key: str) -> pd.Series | None:
+    """A config value per trial: Tune's `config/<key>` column, else `<key>` at the first epoch."""
+    for column in (f"config/{key}", key):
+        if column in trials.columns:
+            return trials.sort_values("epoch").groupby("trial_id")[column].first()
+    return None
+
+
+def sweep_trials(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per trial: its config, epochs run and the metric at its last reported epoch."""
+    last = trials.sort_values("epoch").groupby("trial_id").last()
+    table = pd.DataFrame({"epochs": trials.groupby("trial_id")["epoch"].max(),
+                          metric: last[metric]})
+    for key in (*SWEEP_KEYS, "seed", "repeat"):
+        values = _trial_config(trials, key)
+        if values is not None:
+            table[key] = values
+    for column in ("epoch_seconds", "images_per_second"):
+        if column in trials.columns:
+            table[column] = trials.groupby("trial_id")[column].mean()
+    return table.reset_index()
+
+
+def sweep_summary(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per (freeze, lr, scheduler): the metric's mean and std over repeats, epochs, speed."""
+    per_trial = sweep_trials(trials, metric)
+    keys = [k for k in SWEEP_KEYS if k in per_trial.columns] or ["trial_id"]
+    aggregations = {"mean": (metric, "mean"), "std": (metric, "std"),
+                    "repeats": ("trial_id", "count"), "epochs": ("epochs", "max")}
+    for column in ("epoch_seconds", "images_per_second"):
+        if column in per_trial.columns:
+            aggregations[column] = (column, "mean")
+    summary = per_trial.groupby(keys, dropna=False).agg(**aggregations).reset_index()
+    if "freeze" in summary.columns:
+        order = {spec: i for i, spec in enumerate(FREEZE_SPECS)}
+        summary = summary.sort_values(["freeze"] + (["lr"] if "lr" in keys else []),
+                                      key=lambda s: s.map(order) if s.name == "freeze" else -s)
+    return summary.reset_index(drop=True)
+
+
+def sweep_grid(summary: pd.DataFrame) -> pd.DataFrame | None:
+    """The freeze x lr table of the metric's mean (rows: freeze[, scheduler]; columns: lr)."""
+    if not {"freeze", "lr"} <= set(summary.columns):
+        return None
+    rows = ["freeze"] + (["scheduler"] if summary.get("scheduler", pd.Series()).nunique() > 1
+                         else [])
+    grid = summary.pivot_table(index=rows, columns="lr", values="mean", sort=False)
+    return grid[sorted(grid.columns, reverse=True)]
+
+
+def histories(study: Study) -> pd.DataFrame:
+    """Per-epoch history of each configuration's representative run (run.json `history`)."""
+    frames = []
+    for configuration in study.configurations:
+        history = pd.DataFrame(configuration.record.get("history") or [])
+        if history.empty:
+            continue
+        if "epoch" not in history.columns:
+            history.insert(0, "epoch", np.arange(1, len(history) + 1))
+        frames.append(history.assign(configuration=configuration.label))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+HOST_FIELDS = ("hostname", "platform", "python", "torch", "ray", "gpus", "gpu_name", "nodes",
+               "cluster_gpus")
+
+
+def environment(study: Study) -> pd.DataFrame:
+    """One row per distinct host the runs report (run.json `host`), with the runs on it."""
+    rows = []
+    for configuration in study.configurations:
+        for run in configuration.runs:
+            host = run.record.get("host") or {}
+            rows.append({k: host.get(k) for k in HOST_FIELDS} | {"run": run.record["name"]})
+    table = pd.DataFrame(rows)
+    keys = [k for k in HOST_FIELDS if table[k].notna().any()] or ["hostname"]
+    return (table.groupby(keys, dropna=False, sort=False)["run"].agg(", ".join)
+            .rename("runs").reset_index())
+
+
+def config_rows(config: dict[str, Any], prefix: str = "") -> pd.DataFrame:
+    """A nested config flattened to `section.key` / value rows."""
+    rows = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            rows.extend(config_rows(value, f"{prefix}{key}.").to_dict("records"))
+        else:
+            rows.append({"key": f"{prefix}{key}", "value": value})
+    return pd.DataFrame(rows, columns=["key", "value"])
