@@ -120,6 +120,7 @@ class SweepConfig:
                        choices=("valid_macro_f1", "valid_accuracy", "valid_loss"))
     asha: AshaConfig = field(default_factory=AshaConfig)
     max_concurrent_trials: int = _opt(1, min=1)
+    trial_resource: str | None = None
     tensorboard: bool = False
     mlflow: bool = False
 

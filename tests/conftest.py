@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,8 @@ def ray_local():
     """One local Ray instance shared by every test that needs Ray (4 logical CPUs)."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, num_gpus=0, log_to_driver=False)
+    from boatray.sweep import init_ray
+
+    init_ray("local", num_cpus=4, num_gpus=0, log_to_driver=False)
     yield ray
     ray.shutdown()
