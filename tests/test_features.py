@@ -1,0 +1,107 @@
+"""features.py: Ray Data extraction equals a plain loop; failures reported; SVM on the features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boatray import features, models, svm
+from boatray.config import SvmConfig, SyntheticConfig
+from boatray.data import synthetic
+from boatray.data.images import decode_batch, normalize, to_chw
+from boatray.data.manifest import prepare, read_manifest
+from boatray.results import PROBA_PREFIX, read_run
+
+SIZE = (32, 96)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A generated set's manifest with one test image broken after preparation, and a
+    resnet18 state-dict file (random weights, seeded)."""
+    root = tmp_path_factory.mktemp("features")
+    tree = synthetic.generate(root / "images", SyntheticConfig(
+        classes=4, train_per_class=16, test_per_class=6, image_size=SIZE, imbalance=2.0), 0)
+    manifest = prepare(tree, root / "data", valid_fraction=0.25, seed=0)
+    frame, classes = read_manifest(manifest)
+    broken = frame.path[frame.split == "test"].iloc[0]
+    Path(broken).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    torch.manual_seed(0)
+    weights = root / "resnet18.pt"
+    torch.save(models.build("resnet18", num_classes=len(classes)).state_dict(), weights)
+    return {"root": root, "manifest": manifest, "frame": frame, "classes": classes,
+            "broken": broken, "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def extracted(dataset, ray_local):
+    """`python -m boatray.features` (in-process) with two CPU actors."""
+    out = dataset["root"] / "out" / "features.parquet"
+    code = features.main([
+        "--manifest", str(dataset["manifest"]), "--out", str(out),
+        "--set", "model.name=resnet18", "--set", f"model.weights={dataset['weights']}",
+        "--set", f"data.image_size=[{SIZE[0]}, {SIZE[1]}]", "--set", "features.batch_size=8",
+        "--set", "features.num_actors=2", "--set", "features.cpus_per_actor=0.5"])
+    assert code == 0
+    return out
+
+
+def test_ray_data_features_equal_a_plain_loop(dataset, extracted):
+    x, frame = features.read_features(extracted)
+    kept = dataset["frame"][dataset["frame"].path != dataset["broken"]]
+    assert frame.path.tolist() == kept.path.tolist()  # every good image, in manifest order
+    assert frame.label_idx.tolist() == kept.label_idx.tolist()
+    assert frame.split.tolist() == kept.split.tolist()
+    model = models.build("resnet18", str(dataset["weights"]), len(dataset["classes"]))
+    trunk = models.trunk(model, "pool").eval()
+    with torch.inference_mode():
+        expected = trunk(normalize(to_chw(decode_batch(frame.path.tolist(), SIZE)))).numpy()
+    assert x.shape == (len(kept), 512) and x.dtype == np.float32
+    np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_image_that_fails_to_decode_is_reported(dataset, extracted, capsys):
+    stats = json.loads(features.stats_path(extracted).read_text())
+    assert [f["path"] for f in stats["failed"]] == [dataset["broken"]]
+    assert "cannot decode image" in stats["failed"][0]["error"]
+    assert stats["images"] == len(dataset["frame"]) - 1 and stats["images_per_second"] > 0
+    info = features.feature_info(extracted)
+    assert info["classes"] == dataset["classes"] and info["shape"] == [512]
+    assert info["extraction"]["failed"] == stats["failed"]
+
+
+def test_svm_on_the_features_beats_chance_widely(dataset, extracted, tmp_path):
+    svm_dir, probe_dir = svm.run(extracted, tmp_path, SvmConfig(C=[1.0, 10.0], probe_C=[0.1]))
+    for run_dir in (svm_dir, probe_dir):
+        predictions, record = read_run(run_dir)
+        test = predictions[predictions.split == "test"]
+        majority = np.bincount(test.y_true).max() / len(test)
+        assert (test.y_true == test.y_pred).mean() >= max(0.8, majority + 0.3), run_dir.name
+        assert list(predictions.columns[4:]) == [PROBA_PREFIX + c for c in dataset["classes"]]
+        assert record["skipped_images"][0]["path"] == dataset["broken"]
+        assert record["images_per_second"] > 0 and record["extraction_seconds"] > 0
+
+
+def test_trunk_runner_gives_stage_maps_in_float16(dataset, tmp_path):
+    """The frozen-prefix cache's format: any cut point, fp16, shape kept in the metadata."""
+    model = models.build("resnet18", str(dataset["weights"]), 4)
+    trunk = models.trunk(model, "layer3")
+    shape = features.output_shape(trunk, SIZE)
+    paths = dataset["frame"].path[:3].to_numpy()
+    batch = features.decode_rows({"path": np.append(paths, "/missing.jpg"),
+                                  "label_idx": np.arange(4), "split": np.array(["train"] * 4)},
+                                 SIZE)
+    out = features.TrunkRunner(trunk, False, True, True, 1, "float16")(batch)
+    assert out["features"].dtype == np.float16 and out["features"].shape == (4, np.prod(shape))
+    meta = {"classes": ["a"], "shape": list(shape), "dtype": "float16"}
+    written, failed = features.write_features([out], tmp_path / "maps.parquet", meta)
+    assert written == 3 and failed[0]["path"] == "/missing.jpg"
+    x, frame = features.read_features(tmp_path / "maps.parquet")
+    assert x.shape == (3, *shape) == (3, 256, 2, 6) and x.dtype == np.float16
+    with torch.inference_mode():
+        expected = trunk(normalize(to_chw(decode_batch(list(paths), SIZE)))).numpy()
+    np.testing.assert_allclose(x.astype(np.float32), expected, rtol=1e-2, atol=1e-2)
