@@ -1,0 +1,244 @@
+"""The fine-tuning sweep on Ray Tune: each trial is one Ray Train run (Train V2 pattern).
+
+Three layers, each with its own Ray API (RAY_2.60_NOTES.md): the worker loop (train.py), the
+trial function here that builds and fits a TorchTrainer and hands its metrics to Tune through
+`TuneReportCallback`, and the driver's Tuner (`run_sweep`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from boatray import train
+from boatray.config import Experiment, from_dict
+from boatray.errors import BoatrayError
+from boatray.results import atomic_write_parquet
+
+TUNE_DIR = "tune"
+TRAIN_DIR = "train"
+TRIALS = "trials.parquet"
+CONFIG_KEYS = ("freeze", "lr", "scheduler", "repeat")
+METRIC_MODES = {"valid_loss": "min", "valid_accuracy": "max", "valid_macro_f1": "max"}
+
+
+def trial_experiment(experiment: dict, config: dict) -> Experiment:
+    """The base settings with one trial's freeze, lr, scheduler and seed."""
+    exp = from_dict(experiment)
+    exp.train.freeze = config["freeze"]
+    exp.train.lr = float(config["lr"])
+    exp.train.scheduler = config["scheduler"]
+    exp.train.seed = exp.seed + int(config["repeat"])
+    return exp
+
+
+def trial_resources(exp: Experiment) -> dict[str, float]:
+    """What a trial's own process (it only drives a Train run) asks for.
+
+    `sweep.trial_resource` names a custom resource, e.g. `trial_driver` on a cluster's head
+    node (cluster.yaml), one unit per trial; otherwise a sliver of a CPU.
+    """
+    if exp.sweep.trial_resource:
+        return {exp.sweep.trial_resource: 1.0}
+    return {"cpu": 0.01}
+
+
+def run_trial(config: dict, experiment: dict, manifest: str, train_storage: str) -> None:
+    """One Tune trial: fit a TorchTrainer for this configuration, metrics flowing back to Tune.
+
+    The Train run is named after the trial id, which survives a Tuner restore, so a resumed
+    trial resumes its Train run from the last checkpoint.
+    """
+    exp = trial_experiment(experiment, config)
+    name = tune.get_context().get_trial_id()
+    trainer = train.make_trainer(exp, Path(manifest), name=name, storage_path=train_storage,
+                                 callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def param_space(exp: Experiment) -> dict[str, Any]:
+    """The seeds' grid by default, or a random/Optuna search over the same axes."""
+    repeat = tune.grid_search(list(range(exp.sweep.repeats)))
+    if exp.sweep.search == "grid":
+        return {"freeze": tune.grid_search(exp.sweep.freeze), "lr": tune.grid_search(exp.sweep.lr),
+                "scheduler": tune.grid_search(exp.sweep.scheduler), "repeat": repeat}
+    low, high = min(exp.sweep.lr), max(exp.sweep.lr)
+    lr = tune.loguniform(low, high) if high > low else low
+    return {"freeze": tune.choice(exp.sweep.freeze), "lr": lr,
+            "scheduler": tune.choice(exp.sweep.scheduler),
+            "repeat": repeat if exp.sweep.search == "random" else 0}
+
+
+def _search_alg(exp: Experiment):
+    if exp.sweep.search != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise BoatrayError("sweep.search=optuna needs optuna: pip install optuna") from None
+    return OptunaSearch(metric=exp.sweep.metric, mode=METRIC_MODES[exp.sweep.metric],
+                        seed=exp.seed)
+
+
+def _scheduler(exp: Experiment):
+    if not exp.sweep.asha.enabled:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", metric="valid_loss", mode="min",
+                         max_t=exp.train.epochs, grace_period=min(exp.sweep.asha.grace_period,
+                                                                  exp.train.epochs),
+                         reduction_factor=exp.sweep.asha.reduction_factor)
+
+
+def _logger_callbacks(exp: Experiment) -> list:
+    callbacks: list = []
+    if exp.sweep.tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if exp.sweep.mlflow:
+        try:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+        except ImportError:
+            raise BoatrayError("sweep.mlflow=true needs mlflow: pip install mlflow") from None
+        callbacks.append(MLflowLoggerCallback(experiment_name=exp.name))
+    return callbacks
+
+
+class ProgressCallback(tune.Callback):
+    """A line per finished trial with its metric, counts of done/running/pending, elapsed, ETA."""
+
+    def __init__(self, metric: str, epochs: int, concurrency: int) -> None:
+        self.metric, self.epochs, self.concurrency = metric, epochs, concurrency
+        self.start = time.monotonic()
+        self.durations: list[float] = []
+
+    def _line(self, trials: list, trial, what: str) -> None:
+        elapsed = time.monotonic() - self.start
+        states = ["TERMINATED" if t is trial else t.status for t in trials]
+        done = sum(s in ("TERMINATED", "ERROR") for s in states)
+        running = states.count("RUNNING")
+        pending = states.count("PENDING")
+        result = trial.last_result or {}
+        self.durations.append(float(result.get("time_total_s", 0.0)))
+        mean = sum(self.durations) / len(self.durations)
+        eta = mean * (running / 2 + pending) / max(1, min(self.concurrency, running + pending))
+        cfg = trial.config
+        value = result.get(self.metric)
+        shown = f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else "no metric"
+        epoch = result.get("epoch", 0)
+        early = " (stopped early by ASHA)" if what == "finished" and epoch < self.epochs else ""
+        print(f"[sweep {elapsed / 60:5.1f} min] trial {trial.trial_id} freeze={cfg['freeze']} "
+              f"lr={cfg['lr']:.2g} sched={cfg['scheduler']} repeat={cfg['repeat']} {what} after "
+              f"{epoch} epoch(s): {shown}{early} | done {done}, running {running}, "
+              f"pending {pending}, about {eta / 60:.1f} min left", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._line(trials, trial, "finished")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._line(trials, trial, "FAILED")
+
+
+def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.ResultGrid:
+    """Run (or resume) the Tune sweep of fine-tuning trials and return its results."""
+    root = exp.results_dir.resolve()
+    tune_path = root / TUNE_DIR
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, experiment=exp.to_dict(), manifest=str(manifest),
+                             train_storage=str(root / TRAIN_DIR)),
+        trial_resources(exp))
+    if tune_path.exists():
+        if not resume:
+            raise BoatrayError(f"{tune_path} holds an earlier sweep: pass --resume to finish it, "
+                               f"or give this experiment a new name (--set name=...)")
+        if not tune.Tuner.can_restore(str(tune_path)):
+            raise BoatrayError(f"{tune_path} cannot be resumed (no Tune experiment state)")
+        print(f"[sweep] resuming {tune_path}", flush=True)
+        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        concurrency = exp.sweep.max_concurrent_trials
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(exp),
+            tune_config=tune.TuneConfig(
+                scheduler=_scheduler(exp), search_alg=_search_alg(exp),
+                num_samples=1 if exp.sweep.search == "grid" else exp.sweep.num_samples,
+                max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR, storage_path=str(root), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[ProgressCallback(exp.sweep.metric, exp.train.epochs, concurrency),
+                           *_logger_callbacks(exp)]))
+    return tuner.fit()
+
+
+def _trial_dirname(trial) -> str:
+    cfg = trial.config
+    return f"{trial.trial_id}-{cfg['freeze']}-lr{cfg['lr']:.0e}-{cfg['scheduler']}-r{cfg['repeat']}"
+
+
+def trials_table(results: tune.ResultGrid) -> pd.DataFrame:
+    """One row per trial per epoch: trial_id, the trial's config, every reported metric."""
+    frames = []
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or history.empty:
+            continue
+        history = history.copy()
+        history["trial_id"] = (result.metrics or {}).get("trial_id", Path(result.path).name)
+        for key in CONFIG_KEYS:
+            history[key] = result.config[key]
+        history["status"] = "error" if result.error else "finished"
+        frames.append(history)
+    if not frames:
+        raise BoatrayError("the sweep produced no results: every trial failed before epoch 1")
+    table = pd.concat(frames, ignore_index=True)
+    first = ["trial_id", "epoch", *CONFIG_KEYS, "status"]
+    rest = [c for c in table.columns if c not in first and not c.startswith("config/")]
+    table = table[first + rest]
+    return table.sort_values(["trial_id", "epoch"]).reset_index(drop=True)
+
+
+def write_trials(exp: Experiment, table: pd.DataFrame) -> Path:
+    """results/<experiment>/trials.parquet, atomically."""
+    return atomic_write_parquet(exp.results_dir / TRIALS, table)
+
+
+def final_epochs(table: pd.DataFrame) -> pd.DataFrame:
+    """Each trial's last reported epoch (the state its last checkpoint holds)."""
+    return table.sort_values("epoch").groupby("trial_id", as_index=False).tail(1)
+
+
+def rank_configs(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Configurations ranked best first by the mean over repeats of the final valid metric."""
+    last = final_epochs(table)
+    ranked = (last.groupby(["freeze", "lr", "scheduler"], as_index=False)
+              .agg(score=(metric, "mean"), score_std=(metric, "std"),
+                   repeats=("trial_id", "count"), epochs=("epoch", "max")))
+    return ranked.sort_values("score", ascending=METRIC_MODES[metric] == "min",
+                              kind="stable").reset_index(drop=True)
+
+
+def select(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
+    """The overall best configuration and the best per freeze spec, each with its trials' rows."""
+    ranked = rank_configs(table, metric)
+    last = final_epochs(table)
+    chosen, seen = [], set()
+    for index, row in ranked.iterrows():
+        if row["freeze"] in seen:
+            continue
+        seen.add(row["freeze"])
+        match = ((last["freeze"] == row["freeze"]) & (last["lr"] == row["lr"])
+                 & (last["scheduler"] == row["scheduler"]))
+        chosen.append({"freeze": row["freeze"], "lr": float(row["lr"]),
+                       "scheduler": row["scheduler"], "score": float(row["score"]),
+                       "selected": "best" if index == 0 else "best_per_freeze",
+                       "trials": last[match].sort_values("repeat").to_dict("records")})
+    return chosen
