@@ -57,10 +57,15 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str
 
 
 class TrunkRunner:
-    """Actor: the trunk on its device; uint8 images in, flattened features out."""
+    """Actor: the trunk on its device; uint8 images in, flattened features out.
 
-    def __init__(self, trunk: nn.Module, use_gpu: bool, amp: bool, channels_last: bool,
+    `trunk` is a one-item list holding the object-store reference of the trunk: the driver
+    puts it there once, every actor (and a restarted one) fetches it.
+    """
+
+    def __init__(self, trunk: list, use_gpu: bool, amp: bool, channels_last: bool,
                  threads: int | None, dtype: str) -> None:
+        trunk = ray.get(trunk[0])
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -126,7 +131,7 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
     gpu = {"num_gpus": 1} if cfg.use_gpu else {}
     dataset = dataset.map_batches(
         TrunkRunner, fn_constructor_kwargs={
-            "trunk": trunk, "use_gpu": cfg.use_gpu, "amp": cfg.amp,
+            "trunk": [ray.put(trunk)], "use_gpu": cfg.use_gpu, "amp": cfg.amp,
             "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
         batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu)

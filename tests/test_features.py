@@ -86,7 +86,7 @@ def test_svm_on_the_features_beats_chance_widely(dataset, extracted, tmp_path):
         assert record["images_per_second"] > 0 and record["extraction_seconds"] > 0
 
 
-def test_trunk_runner_gives_stage_maps_in_float16(dataset, tmp_path):
+def test_trunk_runner_gives_stage_maps_in_float16(dataset, tmp_path, ray_local):
     """The frozen-prefix cache's format: any cut point, fp16, shape kept in the metadata."""
     model = models.build("resnet18", str(dataset["weights"]), 4)
     trunk = models.trunk(model, "layer3")
@@ -95,7 +95,7 @@ def test_trunk_runner_gives_stage_maps_in_float16(dataset, tmp_path):
     batch = features.decode_rows({"path": np.append(paths, "/missing.jpg"),
                                   "label_idx": np.arange(4), "split": np.array(["train"] * 4)},
                                  SIZE)
-    out = features.TrunkRunner(trunk, False, True, True, 1, "float16")(batch)
+    out = features.TrunkRunner([ray_local.put(trunk)], False, True, True, 1, "float16")(batch)
     assert out["features"].dtype == np.float16 and out["features"].shape == (4, np.prod(shape))
     meta = {"classes": ["a"], "shape": list(shape), "dtype": "float16"}
     written, failed = features.write_features([out], tmp_path / "maps.parquet", meta)
