@@ -7,6 +7,7 @@ The config is checked once, here; code deeper down trusts it. A bad key, type or
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -190,9 +191,24 @@ class Experiment:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
+    def remote_storage(self) -> bool:
+        """Whether storage_path is a URI (s3://, gs://, ...) rather than a local folder."""
+        return "://" in self.storage_path
+
+    @property
     def results_dir(self) -> Path:
-        """results/<experiment>/ (under storage_path)."""
+        """Where the driver writes results/<experiment>/: storage_path/<name>, or for a remote
+        storage_path a local staging folder that boatray.storage mirrors there."""
+        if self.remote_storage:
+            return Path(tempfile.gettempdir()) / "boatray" / self.name
         return Path(self.storage_path) / self.name
+
+    @property
+    def storage_uri(self) -> str:
+        """results/<experiment>/ as Ray Tune and Train see it (shared storage on a cluster)."""
+        if self.remote_storage:
+            return f"{self.storage_path.rstrip('/')}/{self.name}"
+        return str(self.results_dir.resolve())
 
     def to_dict(self) -> dict:
         """A plain, YAML/JSON-ready dict of every setting."""

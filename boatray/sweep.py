@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -28,7 +29,7 @@ import pandas as pd
 import ray
 
 from boatray import config as config_module
-from boatray import features, finetune, predict, report, svm, tuning
+from boatray import features, finetune, predict, report, storage, svm, tuning
 from boatray.config import Experiment
 from boatray.data.manifest import ensure_manifest
 from boatray.errors import BoatrayError, cli
@@ -92,7 +93,13 @@ def load_experiment(args: argparse.Namespace) -> Experiment:
 
 
 def check_results_dir(exp: Experiment, resume: bool) -> None:
-    """Refuse to mix two experiments in one folder; on --resume, refuse a changed config."""
+    """Refuse to mix two experiments in one folder; on --resume, refuse a changed config.
+
+    With remote storage the local staging folder is refilled from the storage first.
+    """
+    if exp.remote_storage:
+        shutil.rmtree(exp.results_dir, ignore_errors=True)
+        storage.mirror_down(exp)
     record = exp.results_dir / EXPERIMENT_JSON
     if not record.is_file():
         return
@@ -202,6 +209,8 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
             failures.append(f"{title}: {exc}")
             print(f"[boatray] {title}: FAILED: {exc}", flush=True)
             continue
+        finally:
+            storage.mirror_up(exp)
         print(f"[boatray] {title}: done in {time.monotonic() - started:.0f} s", flush=True)
     return failures
 
@@ -222,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
     failures = run_stages(exp, manifest, args.resume)
     report_path = stage_report(exp)
+    storage.mirror_up(exp)
     print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min; report: "
           f"{report_path}", flush=True)
     if failures:

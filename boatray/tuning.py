@@ -147,20 +147,18 @@ class ProgressCallback(tune.Callback):
 
 def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.ResultGrid:
     """Run (or resume) the Tune sweep of fine-tuning trials and return its results."""
-    root = exp.results_dir.resolve()
-    tune_path = root / TUNE_DIR
+    root = exp.storage_uri
+    tune_path = f"{root}/{TUNE_DIR}"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiment=exp.to_dict(), manifest=str(manifest),
-                             train_storage=str(root / TRAIN_DIR)),
+                             train_storage=f"{root}/{TRAIN_DIR}"),
         trial_resources(exp))
-    if tune_path.exists():
+    if tune.Tuner.can_restore(tune_path):
         if not resume:
             raise BoatrayError(f"{tune_path} holds an earlier sweep: pass --resume to finish it, "
                                f"or give this experiment a new name (--set name=...)")
-        if not tune.Tuner.can_restore(str(tune_path)):
-            raise BoatrayError(f"{tune_path} cannot be resumed (no Tune experiment state)")
         print(f"[sweep] resuming {tune_path}", flush=True)
-        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         concurrency = exp.sweep.max_concurrent_trials
@@ -172,7 +170,7 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
                 num_samples=1 if exp.sweep.search == "grid" else exp.sweep.num_samples,
                 max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
-                name=TUNE_DIR, storage_path=str(root), verbose=0,
+                name=TUNE_DIR, storage_path=root, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[ProgressCallback(exp.sweep.metric, exp.train.epochs, concurrency),
                            *_logger_callbacks(exp)]))

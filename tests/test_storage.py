@@ -1,0 +1,41 @@
+"""Remote storage_path: the staging folder mirrored up and down (file:// stands in for S3)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from boatray import config, storage
+
+
+def test_remote_storage_mirrors_results_but_not_images_or_ray_state(tmp_path):
+    exp = config.load(None, [f"storage_path=file://{tmp_path}/bucket", "name=mirror-test"])
+    assert exp.remote_storage and exp.storage_uri == f"file://{tmp_path}/bucket/mirror-test"
+    staging = exp.results_dir
+    shutil.rmtree(staging, ignore_errors=True)
+    for relative, text in [("experiment.json", "{}"), ("runs/svm/run.json", "{}"),
+                           ("data/manifest.parquet", "m"), ("data/synthetic/train/a.jpg", "i")]:
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        (staging / relative).write_text(text)
+    storage.mirror_up(exp)
+    remote = tmp_path / "bucket" / "mirror-test"
+    (remote / "tune").mkdir()
+    (remote / "tune" / "experiment_state.json").write_text("ray's")
+    assert sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()) == [
+        "data/manifest.parquet", "experiment.json", "runs/svm/run.json",
+        "tune/experiment_state.json"]
+    shutil.rmtree(staging)
+    storage.mirror_down(exp)
+    assert sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()) == [
+        "data/manifest.parquet", "experiment.json", "runs/svm/run.json"]
+    shutil.rmtree(staging)
+
+
+def test_local_storage_is_left_alone(tmp_path):
+    exp = config.load(None, [f"storage_path={tmp_path}"])
+    assert not exp.remote_storage
+    assert exp.results_dir == Path(tmp_path) / "smoke"
+    assert exp.storage_uri == str((Path(tmp_path) / "smoke").resolve())
+    storage.mirror_up(exp)
+    storage.mirror_down(exp)
+    assert not exp.results_dir.exists()
