@@ -1,4 +1,4 @@
-"""ImageFolder trees, the stratified split, manifest reading, ensure_manifest, the CLI, bad input."""
+"""ImageFolder trees, the stratified split, manifests, ensure_manifest, the CLI, bad input."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def decode(path: str, size: tuple[int, int]) -> np.ndarray:
             image = image.convert("RGB")
             if image.size != (width, height):
                 image = image.resize((width, height), Image.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+            return np.array(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise BoatrayError(f"cannot decode image {path}: {exc}") from None
 

@@ -1,0 +1,185 @@
+"""Batch prediction with a trained checkpoint: a manifest's splits or a folder of images.
+
+`python -m boatray.predict --checkpoint DIR (--manifest FILE | --folder DIR) [--out FILE]`
+writes a predictions table in the common format (results.py): path, split, y_true, y_pred and
+one `proba::<Class>` column per class. The model is rebuilt from the checkpoint folder alone
+(train.load_model), and images go through the one pipeline (data/images.py) at the size the
+model was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from boatray import train
+from boatray.data import images
+from boatray.data.imagefiles import Exclusions, is_hidden, is_image_name, keep_intact
+from boatray.data.manifest import read_manifest
+from boatray.errors import BoatrayError, cli
+from boatray.results import atomic_write_parquet, classes_of, predictions_frame
+
+FOLDER_SPLIT = "folder"
+"""The `split` of images predicted from a folder (not part of a manifest)."""
+
+
+def device_for(use_gpu: bool) -> torch.device:
+    """cuda when asked for (and present), else the CPU."""
+    if use_gpu and not torch.cuda.is_available():
+        raise BoatrayError("a GPU was asked for but torch sees none")
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
+    """A checkpoint as a local folder for the `with` block.
+
+    A checkpoint folder as it is; a run folder gives its latest checkpoint_epoch_*; a URI on
+    Ray's storage (s3://bucket/..., gs://...) is downloaded to a temporary folder.
+    """
+    if "://" in str(checkpoint):
+        from ray.train import Checkpoint
+
+        with Checkpoint(str(checkpoint)).as_directory() as directory:
+            yield Path(directory)
+        return
+    path = Path(checkpoint)
+    found = sorted(path.glob(f"{train.CHECKPOINT_PREFIX}*"))
+    yield found[-1] if found and not (path / train.META_FILE).is_file() else path
+
+
+def predict_proba(model: torch.nn.Module, dataset: images.ImageDataset, *, batch_size: int = 32,
+                  device: torch.device | str = "cpu", loader_workers: int = 0) -> np.ndarray:
+    """Class probabilities (n, classes) of every image of `dataset`, in its order.
+
+    On a GPU: bf16 autocast and channels_last, as in training.
+    """
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    model = model.to(device, memory_format=torch.channels_last if on_gpu
+                     else torch.preserve_format)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers,
+                        pin_memory=on_gpu)
+    logits, _ = train.outputs(model, loader, device, amp=on_gpu, channels_last=on_gpu)
+    return torch.softmax(logits.double(), dim=1).numpy()
+
+
+def predict_checkpoint(checkpoint: str | Path, manifest: str | Path,
+                       splits: Sequence[str] = ("valid", "test"), batch_size: int = 32,
+                       use_gpu: bool = False, loader_workers: int = 0) -> pd.DataFrame:
+    """The predictions table of a checkpoint on the given splits of a manifest."""
+    with local_checkpoint(checkpoint) as directory:
+        model, meta = train.load_model(directory)
+    frame, classes = read_manifest(manifest)
+    if classes != meta["classes"]:
+        raise BoatrayError(f"manifest {manifest} has other classes than checkpoint {checkpoint}")
+    rows = frame[frame.split.isin(list(splits))]
+    if rows.empty:
+        raise BoatrayError(f"manifest {manifest} has no images in the splits {', '.join(splits)}")
+    dataset = images.ImageDataset(rows.path.tolist(), rows.label_idx.tolist(),
+                                  tuple(meta["image_size"]))
+    proba = predict_proba(model, dataset, batch_size=batch_size, device=device_for(use_gpu),
+                          loader_workers=loader_workers)
+    return predictions_frame(rows.path, rows.split, rows.label_idx, proba, classes)
+
+
+def folder_images(folder: str | Path, exclusions: Exclusions) -> list[Path]:
+    """Every intact image below `folder` (recursively, sorted); unreadable ones are recorded."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise BoatrayError(f"image folder not found: {root}")
+    found = sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p)
+                   and not any(is_hidden(Path(part)) for part in p.relative_to(root).parts))
+    kept = keep_intact(found, exclusions)
+    if not kept:
+        raise BoatrayError(f"no readable images in {root}")
+    return kept
+
+
+def predict_folder(checkpoint: str | Path, folder: str | Path, batch_size: int = 32,
+                   use_gpu: bool = False, loader_workers: int = 0
+                   ) -> tuple[pd.DataFrame, Exclusions]:
+    """Predictions for every image below `folder`, and what was left out.
+
+    `y_true` is the class of the image's parent folder when that is a class name (an
+    ImageFolder tree), else -1 (unknown).
+    """
+    with local_checkpoint(checkpoint) as directory:
+        model, meta = train.load_model(directory)
+    classes = meta["classes"]
+    exclusions = Exclusions()
+    paths = folder_images(folder, exclusions)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = [index.get(p.parent.name, -1) for p in paths]
+    dataset = images.ImageDataset([str(p) for p in paths], labels, tuple(meta["image_size"]))
+    proba = predict_proba(model, dataset, batch_size=batch_size, device=device_for(use_gpu),
+                          loader_workers=loader_workers)
+    return predictions_frame([str(p) for p in paths], FOLDER_SPLIT, labels, proba,
+                             classes), exclusions
+
+
+def summary(predictions: pd.DataFrame) -> list[str]:
+    """Printable lines: images per predicted class, accuracy per split where labels are known."""
+    classes = classes_of(predictions)
+    counts = predictions.y_pred.value_counts()
+    lines = [f"{len(predictions)} images predicted; per predicted class:"]
+    lines += [f"  {counts.get(i, 0):6d}  {name}" for i, name in enumerate(classes)]
+    for split, rows in predictions.groupby("split", sort=False):
+        known = rows[rows.y_true >= 0]
+        if len(known):
+            accuracy = float((known.y_true == known.y_pred).mean())
+            lines.append(f"{split}: accuracy {accuracy:.4f} on {len(known)} labelled images")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m boatray.predict`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m boatray.predict",
+        description="Predict images with a trained boatray checkpoint folder.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder (holds model.pt and meta.json), a run folder "
+                             "(its latest checkpoint) or a storage URI (s3://...)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="manifest.parquet (or its folder) to predict")
+    source.add_argument("--folder", help="folder of images (searched recursively)")
+    parser.add_argument("--splits", default="valid,test",
+                        help="manifest splits to predict, comma-separated (default valid,test)")
+    parser.add_argument("--out", default="predictions.parquet",
+                        help="predictions table to write (default ./predictions.parquet)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="processes decoding images (default 0: in the main process)")
+    parser.add_argument("--gpu", action="store_true", help="predict on the GPU")
+    return parser
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m boatray.predict`."""
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.loader_workers < 0:
+        raise BoatrayError("--batch-size must be >= 1 and --loader-workers >= 0")
+    if args.manifest:
+        splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+        predictions = predict_checkpoint(args.checkpoint, args.manifest, splits,
+                                         args.batch_size, args.gpu, args.loader_workers)
+        lines = summary(predictions)
+    else:
+        predictions, exclusions = predict_folder(args.checkpoint, args.folder, args.batch_size,
+                                                 args.gpu, args.loader_workers)
+        lines = summary(predictions) + exclusions.lines()
+    out = atomic_write_parquet(args.out, predictions)
+    print("\n".join([*lines, f"predictions: {out}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
