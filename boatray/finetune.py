@@ -63,26 +63,39 @@ def run(exp: Experiment, manifest: str | Path, run_dir: str | Path,
     Prediction runs as a Ray task with one training worker's resources (a GPU when training
     used GPUs) wherever the checkpoint storage can be read, not necessarily on the driver.
     """
-    import ray
-
     began = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     result = train.fit(exp, manifest, run_dir)
     if result.checkpoint is None:
         raise BoatrayError(f"training run {run_dir} saved no checkpoint")
+    return evaluate_and_write(exp, manifest, result.checkpoint, run_dir,
+                              {"approach": approach}, began)
+
+
+def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_dir: str | Path,
+                       record: dict, began: float) -> Path:
+    """Predict valid and test with a ray.train.Checkpoint; write the run folder; return it.
+
+    Prediction runs as a Ray task with one training worker's resources (a GPU when training
+    used GPUs) wherever the checkpoint storage can be read, not necessarily on the driver.
+    `record` adds to (or overrides) the run.json fields; `began` is when the run started.
+    """
+    import ray
+
+    run_dir = Path(run_dir)
     cfg = exp.train
     task = ray.remote(_evaluate_checkpoint).options(
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
     predictions, history = ray.get(task.remote(
-        result.checkpoint, str(Path(manifest).resolve()), cfg))
+        checkpoint, str(Path(manifest).resolve()), cfg))
     write_run(run_dir, predictions, {
-        "approach": approach, "name": run_dir.name, "config": exp.to_dict(),
+        "approach": "finetune", "name": run_dir.name, "config": exp.to_dict(),
         "model": exp.model.name, "freeze": cfg.freeze, "lr": cfg.lr,
         "scheduler": cfg.scheduler, "seed": cfg.seed,
         "wall_seconds": time.perf_counter() - began,
         "device_seconds": sum(h["epoch_seconds"] for h in history),
         "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
-        "checkpoint": _uri(result.checkpoint), "history": history})
+        "checkpoint": _uri(checkpoint), "history": history, **record})
     return run_dir
 
 

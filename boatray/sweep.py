@@ -29,14 +29,13 @@ import pandas as pd
 import ray
 
 from boatray import config as config_module
-from boatray import features, finetune, predict, report, storage, svm, tuning
+from boatray import features, finetune, report, storage, svm, tuning
 from boatray.config import Experiment
 from boatray.data.manifest import ensure_manifest
 from boatray.errors import BoatrayError, cli
-from boatray.results import RUN_JSON, atomic_write_text, write_run
+from boatray.results import RUN_JSON, atomic_write_text
 
 EXPERIMENT_JSON = "experiment.json"
-RUNS_DIR = "runs"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,27 +141,17 @@ def evaluate_trial(exp: Experiment, manifest: Path, choice: dict, trial: dict,
     """Predict valid and test with a selected trial's last checkpoint; write its run folder."""
     name = (f"finetune-{choice['freeze']}-lr{choice['lr']:.0e}-{choice['scheduler']}"
             f"-r{int(trial['repeat'])}")
-    run_dir = exp.results_dir / RUNS_DIR / name
+    run_dir = exp.results_dir / finetune.RUNS_DIR / name
     if (run_dir / RUN_JSON).is_file():
         return
-    trial_exp = tuning.trial_experiment(exp.to_dict(), trial)
-    remote = ray.remote(predict.predict_checkpoint).options(
-        num_cpus=1, num_gpus=1 if exp.train.use_gpu else 0)
-    predictions = ray.get(remote.remote(trial["checkpoint_path"], str(manifest),
-                                        ("valid", "test"), exp.train.batch_size,
-                                        exp.train.use_gpu))
     history = table[table["trial_id"] == trial["trial_id"]]
-    write_run(run_dir, predictions, {
-        "approach": "finetune", "name": name, "config": trial_exp.to_dict(),
-        "freeze": choice["freeze"], "lr": choice["lr"], "scheduler": choice["scheduler"],
-        "selected": choice["selected"], "valid_score": choice["score"],
-        "config_id": name.rsplit("-r", 1)[0], "seed": trial_exp.train.seed,
-        "trial_id": trial["trial_id"],
-        "wall_seconds": float(history["time_total_s"].max()),
-        "device_seconds": float(history["epoch_seconds"].sum()),
-        "images_per_second": float(history["images_per_second"].mean()),
-        "history": history.drop(columns=["checkpoint_path"], errors="ignore")
-                          .to_dict("records")})
+    wall = float(history["time_total_s"].max())
+    finetune.evaluate_and_write(
+        tuning.trial_experiment(exp.to_dict(), trial), manifest,
+        tuning.trial_checkpoint(exp, trial["checkpoint_path"]), run_dir,
+        {"selected": choice["selected"], "valid_score": choice["score"],
+         "config_id": name.rsplit("-r", 1)[0], "trial_id": trial["trial_id"],
+         "wall_seconds": wall}, time.perf_counter() - wall)
     print(f"[sweep] evaluated {name} ({choice['selected']}) on the test split", flush=True)
 
 
@@ -171,12 +160,12 @@ def stage_features_svm(exp: Experiment, manifest: Path, resume: bool) -> None:
     features_path = exp.results_dir / "features" / "features.parquet"
     if not (resume and features_path.is_file()):
         features.extract_for(exp, manifest, features_path)
-    svm.run_for(exp, features_path, exp.results_dir / RUNS_DIR)
+    svm.run_for(exp, features_path, exp.results_dir / finetune.RUNS_DIR)
 
 
 def stage_baseline(exp: Experiment, manifest: Path, resume: bool) -> None:
     """BetterCNN from scratch through the same Ray Train loop."""
-    run_dir = exp.results_dir / RUNS_DIR / "baseline-bettercnn"
+    run_dir = exp.results_dir / finetune.RUNS_DIR / "baseline-bettercnn"
     if resume and (run_dir / RUN_JSON).is_file():
         return
     finetune.run(finetune.baseline_experiment(exp), manifest, run_dir, approach="baseline")

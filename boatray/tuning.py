@@ -182,6 +182,16 @@ def _trial_dirname(trial) -> str:
     return f"{trial.trial_id}-{cfg['freeze']}-lr{cfg['lr']:.0e}-{cfg['scheduler']}-r{cfg['repeat']}"
 
 
+def trial_checkpoint(exp: Experiment, path: str):
+    """A trial's checkpoint from the `checkpoint_path` Tune reports (a path without the scheme
+    of a remote storage_path)."""
+    from ray.train import Checkpoint
+
+    if exp.remote_storage and "://" not in path:
+        path = f"{exp.storage_path.split('://', 1)[0]}://{path}"
+    return Checkpoint(path)
+
+
 def trials_table(results: tune.ResultGrid) -> pd.DataFrame:
     """One row per trial per epoch: trial_id, the trial's config, every reported metric."""
     frames = []
