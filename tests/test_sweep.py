@@ -70,8 +70,8 @@ def test_smoke_writes_every_approach_and_the_report(smoke_run):
                 if read_run(p)[1]["approach"] == "finetune"]
     assert {r["selected"] for r in selected} == {"best", "best_per_freeze"}
     assert {r["freeze"] for r in selected} == {"fc", "layer4"}
-    report = (results / "report.md").read_text()
-    assert (results / "report.html").is_file()
+    report = (results / "report" / "report.md").read_text()
+    assert (results / "report" / "report.html").is_file()
     for approach in ("svm", "baseline", "finetune"):
         assert approach in report.lower()
 
