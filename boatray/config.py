@@ -6,6 +6,7 @@ The config is checked once, here; code deeper down trusts it. A bad key, type or
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import tempfile
 import types
@@ -241,6 +242,25 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             raise BoatrayError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
     return from_dict(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The experiment options every command shares: --config, --set (repeatable), --data."""
+    parser.add_argument("--config", help="experiment YAML (default: the built-in smoke "
+                                         "experiment on generated images)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config value, e.g. train.lr=1e-4 (repeatable)")
+    parser.add_argument("--data", help="data source: raw MarDCT (folders or zips) or an "
+                                       "ImageFolder tree (overrides data.source)")
+
+
+def from_arguments(args: argparse.Namespace, overrides: list[str] | None = None) -> Experiment:
+    """The validated experiment of a command line made with `add_arguments`."""
+    exp = load(args.config, args.overrides if overrides is None else overrides)
+    if args.data:
+        exp.data.source = args.data
+    return exp
 
 
 def from_dict(raw: dict) -> Experiment:

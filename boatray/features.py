@@ -7,11 +7,13 @@ CPU actors), normalising on its device (`images.normalize`), channels_last, bf16
 GPU, inference mode -> the driver streams the rows into ONE parquet file.
 
 features.parquet: `path`, `label_idx`, `split` and `features`, a fixed-size list (float32, or
-float16 for the frozen-prefix cache) of the flattened trunk output; the schema metadata holds
+float16: `features.dtype`) of the flattened trunk output; the schema metadata holds
 the classes, the output shape and the backbone. `features.json` beside it holds the
 extraction's seconds, images/s and the images that failed to decode (listed and left out,
 never silently dropped). `trunk` may end at any cut point of `boatray.models` (`pool`: the
 2,048-d vectors of resnet50; `layer3`: the maps the `layer4` freeze spec's suffix consumes).
+`trunk_batches` is the pipeline alone; the frozen-prefix cache (prefix_cache.py) writes its
+batches to memory-mappable .npy files instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +119,36 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
     network = models.build(model.name, model.weights, len(classes), model.pooling)
     trunk = models.trunk(network, cfg.stage)
     shape = output_shape(trunk, image_size)
+    meta = {"classes": classes, "shape": list(shape), "stage": cfg.stage, "dtype": cfg.dtype,
+            "image_size": list(image_size), "model": config_module.to_dict(model)}
+    out_path = Path(out_path)
+    batches, settings = trunk_batches(frame, trunk, cfg, image_size)  # lazy: runs below
+    started = time.monotonic()
+    written, failed = write_features(batches, out_path, meta)
+    seconds = time.monotonic() - started
+    stats = {"images": written, "failed": failed, "seconds": seconds,
+             "images_per_second": written / seconds if seconds > 0 else None,
+             "use_gpu": cfg.use_gpu, "batch_size": cfg.batch_size, **settings}
+    atomic_write_text(stats_path(out_path), json.dumps(stats, indent=2) + "\n")
+    print(f"[features] {written} images -> {out_path} in {seconds:.1f} s "
+          f"({stats['images_per_second'] or 0:.1f} images/s, {settings['actors']} actor(s))",
+          flush=True)
+    if failed:
+        print(f"[features] {len(failed)} image(s) could not be decoded and are left out "
+              f"(listed in {stats_path(out_path)}): "
+              + "; ".join(f["path"] for f in failed[:5]) + (" ..." if len(failed) > 5 else ""),
+              flush=True)
+    return out_path
+
+
+def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
+                  image_size: tuple[int, int]) -> tuple[Iterator[dict[str, np.ndarray]], dict]:
+    """The Ray Data pipeline: `trunk` over every row of `frame` (path, label_idx, split).
+
+    Returns the batches, in the frame's order, each with those columns, `error` ('' or why the
+    image could not be decoded) and `features` (the flattened trunk output as `cfg.dtype`), and
+    the pipeline's settings (`actors`, `threads_per_actor`).
+    """
     if not ray.is_initialized():
         ray.init()
     actors = actor_count(cfg)
@@ -135,26 +168,8 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
             "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
         batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu)
-    meta = {"classes": classes, "shape": list(shape), "stage": cfg.stage, "dtype": cfg.dtype,
-            "image_size": list(image_size), "model": config_module.to_dict(model)}
-    out_path = Path(out_path)
-    started = time.monotonic()
-    written, failed = write_features(dataset.iter_batches(batch_size=None, batch_format="numpy"),
-                                     out_path, meta)
-    seconds = time.monotonic() - started
-    stats = {"images": written, "failed": failed, "seconds": seconds,
-             "images_per_second": written / seconds if seconds > 0 else None,
-             "actors": actors, "use_gpu": cfg.use_gpu, "batch_size": cfg.batch_size,
-             "threads_per_actor": threads}
-    atomic_write_text(stats_path(out_path), json.dumps(stats, indent=2) + "\n")
-    print(f"[features] {written} images -> {out_path} in {seconds:.1f} s "
-          f"({stats['images_per_second'] or 0:.1f} images/s, {actors} actor(s))", flush=True)
-    if failed:
-        print(f"[features] {len(failed)} image(s) could not be decoded and are left out "
-              f"(listed in {stats_path(out_path)}): "
-              + "; ".join(f["path"] for f in failed[:5]) + (" ..." if len(failed) > 5 else ""),
-              flush=True)
-    return out_path
+    return (dataset.iter_batches(batch_size=None, batch_format="numpy"),
+            {"actors": actors, "threads_per_actor": threads})
 
 
 def write_features(batches, out_path: Path, meta: dict) -> tuple[int, list[dict]]:
@@ -230,10 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m boatray.features",
         description="Extract backbone features of every manifest image with Ray Data.")
-    parser.add_argument("--config", help="experiment YAML (default: the built-in smoke preset)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override a config value, e.g. features.stage=layer3")
+    config_module.add_arguments(parser)
     parser.add_argument("--manifest", help="manifest.parquet (default: the experiment's, "
                                            "prepared when needed)")
     parser.add_argument("--out", help="output features.parquet (default: "
@@ -243,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    """`python -m boatray.features [--config FILE] [--set k=v ...] [--manifest P] [--out P]`."""
+    """`python -m boatray.features [--config F] [--set k=v] [--data D] [--manifest P] [--out P]`."""
     args = build_parser().parse_args(argv)
-    exp = config_module.load(args.config, args.overrides)
+    exp = config_module.from_arguments(args)
     manifest = args.manifest or ensure_manifest(exp)
     out = args.out or exp.results_dir / "features" / "features.parquet"
     extract_for(exp, manifest, out)

@@ -119,11 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m boatray.finetune",
         description="Train one model on Ray Train from an experiment config, then write its "
                     "valid/test predictions and run.json under results/<experiment>/runs/.")
-    parser.add_argument("--config", help="experiment YAML (default: the built-in smoke "
-                                         "experiment on generated images)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-4")
-    parser.add_argument("--data", help="data source (overrides data.source)")
+    config_module.add_arguments(parser)
     parser.add_argument("--baseline", action="store_true",
                         help="train the BetterCNN baseline (the config's baseline section)")
     parser.add_argument("--name", help="run name (default: from model, freeze, lr, scheduler "
@@ -138,9 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from boatray.data.manifest import ensure_manifest
 
     args = build_parser().parse_args(argv)
-    exp = config_module.load(args.config, args.overrides)
-    if args.data:
-        exp.data.source = args.data
+    exp = config_module.from_arguments(args)
     approach = "baseline" if args.baseline else "finetune"
     manifest = ensure_manifest(exp)
     trained = baseline_experiment(exp) if args.baseline else exp

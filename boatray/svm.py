@@ -306,9 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/svm and OUT/probe run folders (predictions.parquet + run.json).")
     parser.add_argument("--features", required=True, help="features.parquet from boatray.features")
     parser.add_argument("--out", required=True, help="folder for the svm/ and probe/ run folders")
-    parser.add_argument("--config", help="experiment YAML (default: the built-in smoke preset)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value, e.g. svm.C=[1,10]")
+    config_module.add_arguments(parser)
     return parser
 
 
@@ -316,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`python -m boatray.svm --features PATH --out DIR [--config FILE] [--set k=v ...]`."""
     args = build_parser().parse_args(argv)
-    exp = config_module.load(args.config, args.overrides)
+    exp = config_module.from_arguments(args)
     for path in run_for(exp, args.features, args.out):
         print(f"wrote {path}")
     return 0

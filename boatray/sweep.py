@@ -44,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m boatray.sweep",
         description="Run the transfer-learning study end to end: fine-tuning sweep, "
                     "features + SVM, BetterCNN baseline, comparison report.")
-    parser.add_argument("--config", help="experiment YAML (default: the built-in smoke "
-                                         "experiment on generated images)")
-    parser.add_argument("--data", help="data source: raw MarDCT folder/zips or an ImageFolder "
-                                       "tree (overrides data.source)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value, e.g. train.epochs=3")
+    config_module.add_arguments(parser)
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted run without repeating finished work")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "local",
@@ -81,14 +76,6 @@ def init_ray(address: str = "local", **kwargs) -> None:
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", include_dashboard=True, dashboard_port=port, **kwargs)
-
-
-def load_experiment(args: argparse.Namespace) -> Experiment:
-    """The validated experiment of this invocation."""
-    exp = config_module.load(args.config, args.overrides)
-    if args.data:
-        exp.data.source = args.data
-    return exp
 
 
 def check_results_dir(exp: Experiment, resume: bool) -> None:
@@ -208,7 +195,7 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment end to end; exit code 2 with one line on a user-facing error."""
     args = build_parser().parse_args(argv)
-    exp = load_experiment(args)
+    exp = config_module.from_arguments(args)
     if args.config is None:
         print("[boatray] no --config: running the built-in smoke experiment on GENERATED "
               "(synthetic) boat images, not MarDCT; its numbers say nothing about the real "

@@ -15,8 +15,13 @@ rank draws its share of one seeded epoch-wide order (`ShardSampler`), so the cla
 sampler works with any number of workers; loader processes decode JPEGs to uint8 (4x less to
 copy than float32) and `images.normalize` runs on the device. Ray Data would add a streaming
 executor competing for this 2-core machine's CPUs and could not give every rank the same
-weighted draw without a global shuffle. The frozen-prefix cache can feed cached float
-activations through the same loader path: float batches are passed to the model as they are.
+weighted draw without a global shuffle.
+
+The frozen-prefix cache (prefix_cache.py): when the driver hands the worker a cache, the
+datasets are the frozen prefix's cached float16 activations instead of images, fed through
+the same sampler and loader path (so cached and uncached runs see the same batches in the same
+order), and the DDP-wrapped, trained and evaluated network is `models.suffix` of the model;
+the frozen prefix is not run, and checkpoints hold the whole model.
 
 Gradual unfreezing under DDP (Lightning #20340: a DDP wrapper registers its gradient hooks for
 the parameters that require gradients when it is built, so changing `requires_grad` inside it
@@ -48,9 +53,9 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import f1_score
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from boatray import models
+from boatray import models, prefix_cache
 from boatray.config import Experiment, TrainConfig, from_dict
 from boatray.data import images
 from boatray.data.manifest import read_manifest
@@ -130,14 +135,32 @@ def split_dataset(frame, split: str, size: tuple[int, int], augment: bool = Fals
     return images.ImageDataset(rows.path.tolist(), rows.label_idx.tolist(), size, augment)
 
 
+def run_datasets(exp: Experiment, frame, cache: str | None
+                 ) -> tuple[Dataset, Dataset, str | None]:
+    """(train set, valid set, cut point) of a run: images and None, or with a frozen-prefix
+    cache the cached activations and the cut point they were taken at."""
+    if cache is None:
+        return (split_dataset(frame, "train", exp.data.image_size, exp.data.augment),
+                split_dataset(frame, "valid", exp.data.image_size), None)
+    folder, info = prefix_cache.open_cache(cache)
+    train_set, valid_set = (
+        prefix_cache.CachedActivations(folder, split, frame.label_idx[frame.split == split])
+        for split in ("train", "valid"))
+    return train_set, valid_set, info["stage"]
+
+
 # ---------------------------------------------------------------- epochs
 
 def to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """A batch as model input: uint8 images normalised on the device, floats as they are."""
+    """A batch as model input: uint8 images normalised on the device; floats (e.g. cached
+    float16 activations) as float32, feature maps channels_last when asked."""
     batch = batch.to(device, non_blocking=True)
     if batch.dtype == torch.uint8:
         return images.normalize(batch, channels_last)
-    return batch.float()
+    batch = batch.float()
+    if channels_last and batch.dim() == 4:
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -352,8 +375,9 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function: one fine-tuning run, on every rank.
 
-    `config`: {"experiment": Experiment.to_dict(), "manifest": path of manifest.parquet}.
-    Reports on every rank after every epoch (a barrier) with a checkpoint from rank 0.
+    `config`: {"experiment": Experiment.to_dict(), "manifest": path of manifest.parquet,
+    "prefix_cache": the location of the run's frozen-prefix cache, or None}. Reports on every
+    rank after every epoch (a barrier) with a checkpoint from rank 0.
     """
     import ray.train
     import ray.train.torch
@@ -363,13 +387,14 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(cfg.seed)
+    frame, classes = read_manifest(config["manifest"])
+    # Built right after seeding: every rank, and prefix_cache.prefix_model, draw the same init.
+    module = models.build(exp.model.name, exp.model.weights, len(classes), exp.model.pooling)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     amp, channels_last = cfg.amp and on_gpu, cfg.channels_last and on_gpu
 
-    frame, classes = read_manifest(config["manifest"])
-    train_set = split_dataset(frame, "train", exp.data.image_size, exp.data.augment)
-    valid_set = split_dataset(frame, "valid", exp.data.image_size)
+    train_set, valid_set, cut = run_datasets(exp, frame, config.get("prefix_cache"))
     weights = class_weights(train_set.labels, len(classes))
     train_sampler = ShardSampler(
         len(train_set), rank, world, seed=cfg.seed,
@@ -382,9 +407,9 @@ def train_loop_per_worker(config: dict) -> None:
     valid_loader = ray.train.torch.prepare_data_loader(
         DataLoader(valid_set, sampler=valid_sampler, **loader_args), add_dist_sampler=False)
 
-    module = models.build(exp.model.name, exp.model.weights, len(classes), exp.model.pooling)
     module = module.to(device, memory_format=torch.channels_last if channels_last
                        else torch.preserve_format)
+    network = module if cut is None else models.suffix(module, cut)  # what runs on the data
     optimizer = optimizer_over_all_stages(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if cfg.class_weighted_loss
@@ -405,14 +430,14 @@ def train_loop_per_worker(config: dict) -> None:
         if spec != phase:  # first epoch or a gradual phase change: refreeze, new DDP wrapper
             phase = spec
             models.freeze(module, phase)
-            model = _wrap(module, cfg.compile)
+            model = _wrap(network, cfg.compile)
         train_sampler.set_epoch(epoch)
         lr = max(group["lr"] for group in optimizer.param_groups)
         began = time.perf_counter()
         trained = train_one_epoch(model, train_loader, criterion, optimizer, device, amp=amp,
                                   channels_last=channels_last)
         _broadcast_buffers(module)
-        valid = evaluate(module, valid_loader, criterion, device, amp=amp,
+        valid = evaluate(network, valid_loader, criterion, device, amp=amp,
                          channels_last=channels_last)
         step_scheduler(scheduler, valid["loss"])
         metrics = {"epoch": epoch + 1, "train_loss": trained["loss"],
@@ -475,10 +500,12 @@ def check_inputs(exp: Experiment, manifest: str | Path) -> None:
 
 
 def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
-                 callbacks: Sequence = ()):
+                 callbacks: Sequence = (), cache: str | None = None):
     """The TorchTrainer of one run, from exp.train: workers, GPUs, CPUs per worker, failures.
 
     Reusing `name` under `storage_path` resumes that run from its last checkpoint.
+    `cache`: the location of the run's frozen-prefix cache (prefix_cache.prepare), or None to
+    train on images.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -486,7 +513,8 @@ def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
     cfg = exp.train
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": exp.to_dict(), "manifest": str(manifest)},
+        train_loop_config={"experiment": exp.to_dict(), "manifest": str(manifest),
+                           "prefix_cache": cache},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -500,6 +528,7 @@ def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
 def fit(exp: Experiment, manifest: str | Path, run_dir: str | Path):
     """Train one run into `run_dir` (its checkpoints land there) and return the ray.train.Result.
 
+    The run's frozen-prefix cache is computed first when it can use one and has none yet.
     With a remote storage_path, `run_dir` is in the driver's staging folder
     (exp.results_dir) and the checkpoints go to the same place under exp.storage_uri. A run
     folder that already holds a run is resumed from its last checkpoint. A worker's
@@ -508,12 +537,14 @@ def fit(exp: Experiment, manifest: str | Path, run_dir: str | Path):
     from ray.train import WorkerGroupError
 
     check_inputs(exp, manifest)
+    cache = prefix_cache.prepare(exp, manifest)
     run_dir = Path(run_dir).resolve()
     storage = str(run_dir.parent)
     if exp.remote_storage:
         relative = run_dir.parent.relative_to(exp.results_dir.resolve()).as_posix()
         storage = f"{exp.storage_uri}/{relative}"
-    trainer = make_trainer(exp, Path(manifest).resolve(), run_dir.name, storage)
+    trainer = make_trainer(exp, Path(manifest).resolve(), run_dir.name, storage,
+                           cache=cache)
     try:
         return trainer.fit()
     except WorkerGroupError as exc:

@@ -3,6 +3,10 @@
 Three layers, each with its own Ray API (RAY_2.60_NOTES.md): the worker loop (train.py), the
 trial function here that builds and fits a TorchTrainer and hands its metrics to Tune through
 `TuneReportCallback`, and the driver's Tuner (`run_sweep`).
+
+Before the first trial starts, the driver computes every frozen-prefix cache the trials can use
+(one per freeze spec, and per seed with random weights; `sweep_caches`) and hands each trial
+its location, so no two trials compute the same cache and a trial only reads it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from boatray import train
+from boatray import prefix_cache, train
 from boatray.config import Experiment, from_dict
 from boatray.errors import BoatrayError
 from boatray.results import atomic_write_parquet
@@ -49,17 +53,34 @@ def trial_resources(exp: Experiment) -> dict[str, float]:
     return {"cpu": 0.01}
 
 
-def run_trial(config: dict, experiment: dict, manifest: str, train_storage: str) -> None:
+def run_trial(config: dict, experiment: dict, manifest: str, train_storage: str,
+              caches: dict[str, str | None]) -> None:
     """One Tune trial: fit a TorchTrainer for this configuration, metrics flowing back to Tune.
 
     The Train run is named after the trial id, which survives a Tuner restore, so a resumed
-    trial resumes its Train run from the last checkpoint.
+    trial resumes its Train run from the last checkpoint. `caches`: `sweep_caches`.
     """
     exp = trial_experiment(experiment, config)
     name = tune.get_context().get_trial_id()
     trainer = train.make_trainer(exp, Path(manifest), name=name, storage_path=train_storage,
-                                 callbacks=[TuneReportCallback()])
+                                 callbacks=[TuneReportCallback()],
+                                 cache=caches.get(_cache_slot(config["freeze"], config["repeat"])))
     trainer.fit()
+
+
+def sweep_caches(exp: Experiment, manifest: Path) -> dict[str, str | None]:
+    """The frozen-prefix cache of every freeze spec and repeat the sweep's trials can have
+    (their lr and scheduler change no cache), computed now where missing; None where a trial
+    cannot use one."""
+    repeats = [0] if exp.sweep.search == "optuna" else range(exp.sweep.repeats)
+    raw = exp.to_dict()
+    return {_cache_slot(freeze, repeat): prefix_cache.prepare(trial_experiment(raw, {
+        "freeze": freeze, "lr": exp.train.lr, "scheduler": exp.train.scheduler,
+        "repeat": repeat}), manifest) for freeze in exp.sweep.freeze for repeat in repeats}
+
+
+def _cache_slot(freeze: str, repeat: int) -> str:
+    return f"{freeze}/{int(repeat)}"
 
 
 def param_space(exp: Experiment) -> dict[str, Any]:
@@ -149,14 +170,16 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
     """Run (or resume) the Tune sweep of fine-tuning trials and return its results."""
     root = exp.storage_uri
     tune_path = f"{root}/{TUNE_DIR}"
+    restore = tune.Tuner.can_restore(tune_path)
+    if restore and not resume:
+        raise BoatrayError(f"{tune_path} holds an earlier sweep: pass --resume to finish it, "
+                           f"or give this experiment a new name (--set name=...)")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiment=exp.to_dict(), manifest=str(manifest),
-                             train_storage=f"{root}/{TRAIN_DIR}"),
+                             train_storage=f"{root}/{TRAIN_DIR}",
+                             caches=sweep_caches(exp, manifest)),
         trial_resources(exp))
-    if tune.Tuner.can_restore(tune_path):
-        if not resume:
-            raise BoatrayError(f"{tune_path} holds an earlier sweep: pass --resume to finish it, "
-                               f"or give this experiment a new name (--set name=...)")
+    if restore:
         print(f"[sweep] resuming {tune_path}", flush=True)
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)

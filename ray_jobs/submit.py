@@ -40,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python ray_jobs/submit.py",
         description="Submit `python -m boatray.sweep` to a Ray cluster as a Ray job and follow "
                     "its logs.")
-    parser.add_argument("--config", help="experiment YAML inside this repository (default: "
-                                         "the built-in smoke experiment on generated images)")
-    parser.add_argument("--data", help="data source as the cluster's nodes see it, e.g. "
-                                       "/home/ray/data/mardct (overrides data.source)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value, e.g. sweep.repeats=3")
+    config_module.add_arguments(parser)
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted run of the same experiment")
     parser.add_argument("--cluster", help="cluster.yaml whose metadata.boatray.overrides "
@@ -137,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = experiment_overrides(args)
     sweep_args = sweep_arguments(args, overrides)
-    exp = config_module.load(args.config, overrides)
+    exp = config_module.from_arguments(args, overrides)
     submission_id = args.submission_id or f"boatray-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = submit_command(sweep_args, submission_id, args.address, args.no_wait)
     print(f"[submit] results: {results_location(exp)}", flush=True)
