@@ -63,6 +63,10 @@ FILES = tuple(f"{split}.npy" for split in SPLITS) + (INFO_FILE,)
 """A cache's files, in the order they are written and copied: cache.json (completion) last."""
 FORMAT = 1
 """Part of every key: bump it when what a cache holds changes."""
+FREE_DISK_SHARE = 0.9
+"""A new cache may take at most this share of the free space where it is written."""
+DTYPE = "float16"
+"""What caches store (part of the key; the tests use float32 to show the cached path exact)."""
 
 
 def cached_stage(exp: Experiment) -> tuple[str | None, str]:
@@ -92,7 +96,7 @@ def cache_key(exp: Experiment, rows: pd.DataFrame, stage: str) -> str:
     file = Path(weights).expanduser()
     inputs = {"format": FORMAT, "model": exp.model.name, "pooling": exp.model.pooling,
               "weights": _file_digest(file) if file.is_file() else weights,
-              "stage": stage, "image_size": list(exp.data.image_size), "dtype": "float16",
+              "stage": stage, "image_size": list(exp.data.image_size), "dtype": DTYPE,
               "seed": exp.train.seed if random_init else None, "rows": _rows_digest(rows)}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
     height, width = exp.data.image_size
@@ -147,7 +151,8 @@ def prefix_model(exp: Experiment, num_classes: int) -> nn.Module:
 
 def prepare(exp: Experiment, manifest: str | Path) -> str | None:
     """The location of this run's frozen-prefix cache, computed first when there is none; None
-    when the run cannot use one. Prints a line saying which, and why."""
+    when the run cannot use one, or a new cache would not fit on the disk it is written to.
+    Prints a line saying which, and why."""
     stage, why = cached_stage(exp)
     run = f"freeze={exp.train.freeze} seed={exp.train.seed}"
     if stage is None:
@@ -161,30 +166,46 @@ def prepare(exp: Experiment, manifest: str | Path) -> str | None:
         print(f"[cache] {run}: training from cached {stage} activations ({why}): {where}",
               flush=True)
         return where
-    info = _compute(exp, rows, len(classes), stage, key, local_folder(where))
+    from boatray import features
+
+    trunk = models.trunk(prefix_model(exp, len(classes)), stage)
+    shape = features.output_shape(trunk, exp.data.image_size)
+    folder = local_folder(where)
+    needed = len(rows) * int(np.prod(shape)) * np.dtype(DTYPE).itemsize
+    free = shutil.disk_usage(_existing(folder)).free
+    if needed > FREE_DISK_SHARE * free:
+        print(f"[cache] {run}: frozen-prefix cache not used: its {stage} activations need "
+              f"{needed / 2**30:.1f} GiB, {folder.parent} has {free / 2**30:.1f} GiB free",
+              flush=True)
+        return None
+    info = _compute(exp, rows, stage, trunk, shape, folder)
     if "://" in where:
-        _copy_files(local_folder(where), where, upload=True)
+        _copy_files(folder, where, upload=True)
     print(f"[cache] {run}: training from cached {stage} activations ({why}): computed "
           f"{sum(info['images'].values())} images in {info['seconds']:.1f} s "
           f"({info['bytes'] / 2**20:.1f} MiB): {where}", flush=True)
     return where
 
 
-def _compute(exp: Experiment, rows: pd.DataFrame, num_classes: int, stage: str, key: str,
-             folder: Path) -> dict:
-    """Run the prefix over `rows` with the features pipeline into `folder` (the cache `key`,
-    or its node-local copy); return its cache.json record."""
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module,
+             shape: tuple[int, ...], folder: Path) -> dict:
+    """Run `trunk`, the prefix up to `stage`, over `rows` with the features pipeline into
+    `folder` (the cache, or its node-local copy); return its cache.json record."""
     from boatray import features
 
-    trunk = models.trunk(prefix_model(exp, num_classes), stage)
-    shape = features.output_shape(trunk, exp.data.image_size)
-    cfg = dataclasses.replace(exp.features, stage=stage, dtype="float16")
+    cfg = dataclasses.replace(exp.features, stage=stage, dtype=DTYPE)
     temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     temporary.mkdir(parents=True)
     try:
         counts = rows.split.value_counts()
         arrays = {split: np.lib.format.open_memmap(
-            temporary / f"{split}.npy", mode="w+", dtype=np.float16,
+            temporary / f"{split}.npy", mode="w+", dtype=DTYPE,
             shape=(int(counts.get(split, 0)), *shape)) for split in SPLITS}
         filled = dict.fromkeys(SPLITS, 0)
         batches, settings = features.trunk_batches(rows, trunk, cfg, exp.data.image_size)
@@ -202,7 +223,7 @@ def _compute(exp: Experiment, rows: pd.DataFrame, num_classes: int, stage: str, 
         seconds = time.monotonic() - started
         for array in arrays.values():
             array.flush()
-        info = {"key": key, "stage": stage, "shape": list(shape), "dtype": "float16",
+        info = {"key": folder.name, "stage": stage, "shape": list(shape), "dtype": DTYPE,
                 "images": filled, "seconds": seconds,
                 "bytes": sum(a.nbytes for a in arrays.values()),
                 "model": dataclasses.asdict(exp.model), "image_size": list(exp.data.image_size),
@@ -256,12 +277,17 @@ def open_cache(where: str) -> tuple[Path, dict]:
 
 
 class CachedActivations(torch.utils.data.Dataset):
-    """(float16 activations, label index) pairs of one split of a cache, read from its
-    memory-mapped .npy one row at a time (loader processes open their own map)."""
+    """(float16 activations, label index) of one split of a cache, read from its memory-mapped
+    .npy; each loader process opens its own map.
+
+    Indexed by a list of indices (a `BatchSampler`'s batch, with `DataLoader(batch_size=None)`),
+    it returns the whole batch, (n, *shape) and (n,), read at once: stacking 1.5 MB items one by
+    one in the default collate costs more than the read.
+    """
 
     def __init__(self, folder: str | Path, split: str, labels: Sequence[int]) -> None:
         self.file = Path(folder) / f"{split}.npy"
-        self.labels = [int(v) for v in labels]
+        self.labels = np.asarray(labels, dtype=np.int64)
         self._rows: np.ndarray | None = None
         if len(self._array()) != len(self.labels):
             raise BoatrayError(f"frozen-prefix cache {self.file} holds {len(self._array())} "
@@ -278,5 +304,6 @@ class CachedActivations(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.array(self._array()[index])), self.labels[index]
+    def __getitem__(self, index: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.array(self._array()[index])  # a copy: a row, or the batch's rows
+        return torch.from_numpy(rows), torch.as_tensor(self.labels[index])

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import f1_score
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from boatray import models, prefix_cache
 from boatray.config import Experiment, TrainConfig, from_dict
@@ -133,6 +133,15 @@ def split_dataset(frame, split: str, size: tuple[int, int], augment: bool = Fals
     """The ImageDataset of one split of a manifest frame."""
     rows = frame[frame.split == split]
     return images.ImageDataset(rows.path.tolist(), rows.label_idx.tolist(), size, augment)
+
+
+def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, **args) -> DataLoader:
+    """A DataLoader of `sampler`'s order in batches; a frozen-prefix cache is read a batch at a
+    time (`prefix_cache.CachedActivations`), with the same batches."""
+    if isinstance(dataset, prefix_cache.CachedActivations):
+        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False),
+                          batch_size=None, **args)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, **args)
 
 
 def run_datasets(exp: Experiment, frame, cache: str | None
@@ -400,12 +409,11 @@ def train_loop_per_worker(config: dict) -> None:
         len(train_set), rank, world, seed=cfg.seed,
         weights=weights[train_set.labels].tolist() if cfg.balanced_sampler else None)
     valid_sampler = ShardSampler(len(valid_set), rank, world, shuffle=False, pad=False)
-    loader_args = {"batch_size": cfg.batch_size, "num_workers": cfg.loader_workers,
+    loader_args = {"num_workers": cfg.loader_workers,
                    "persistent_workers": cfg.loader_workers > 0, "pin_memory": on_gpu}
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(train_set, sampler=train_sampler, **loader_args), add_dist_sampler=False)
-    valid_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(valid_set, sampler=valid_sampler, **loader_args), add_dist_sampler=False)
+    train_loader, valid_loader = (ray.train.torch.prepare_data_loader(
+        make_loader(dataset, sampler, cfg.batch_size, **loader_args), add_dist_sampler=False)
+        for dataset, sampler in ((train_set, train_sampler), (valid_set, valid_sampler)))
 
     module = module.to(device, memory_format=torch.channels_last if channels_last
                        else torch.preserve_format)
@@ -422,7 +430,7 @@ def train_loop_per_worker(config: dict) -> None:
     meta = {"classes": classes, "image_size": list(exp.data.image_size),
             "model": {"name": exp.model.name, "pooling": exp.model.pooling,
                       "weights": exp.model.weights},
-            "freeze": cfg.freeze, "seed": cfg.seed}
+            "freeze": cfg.freeze, "seed": cfg.seed, "prefix_cache": config.get("prefix_cache")}
 
     phase, model = None, module
     for epoch in range(start, cfg.epochs):

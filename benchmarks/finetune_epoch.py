@@ -1,0 +1,190 @@
+"""One fine-tuning epoch: boatray's training loop, frozen-prefix cache on and off, against the
+lab's eager fp32 loop, for the freeze specs `fc` and `layer4`.
+
+    python benchmarks/finetune_epoch.py [--images 32] [--valid 8] [--freeze fc layer4]
+
+One run, one machine, the same real JPEGs (MarDCT sample, repeated as needed) and the same
+starting weights (a random-init state dict saved to a file):
+
+- lab: torchvision ResNet with every parameter frozen but the trainable stages, a Dataset
+  with the lab's transform, DataLoader batch 8 (shuffled), Adam, fp32, eager, `model.train()`,
+  then a validation pass, as the lab's per-epoch loop did;
+- boatray: `train.fit` (the Ray Train worker loop, the sweep's trial) with
+  `train.cache_prefix` true and false. By default in Ray Train's local mode
+  (`train.num_workers=0`: the same worker function in this process, no worker group), so the
+  row is the epoch and not the 30-55 s start-up of a worker group on this machine;
+  `--workers 1` runs a real worker group instead.
+
+Columns: training-loop images/s (the epoch's training pass; for boatray its own
+`images_per_second` metric) and its ratio to the lab loop; the epoch with validation; the whole
+run (model build, cache build where the cache is on, the epoch(s), the checkpoint) and its
+ratio to the lab's whole run; the cache's build time (from its cache.json; part of the whole
+run); peak memory. With the cache, the prefix's activations are
+computed once per run and the epochs then train only the suffix, so `--epochs` > 1 shows how
+the one-off cost is spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from boatray import models, prefix_cache, train
+from boatray.config import from_dict
+from boatray.data.manifest import read_manifest
+from common import (
+    SAMPLE,
+    image_tree,
+    isolated,
+    lab_loader,
+    lab_optimizer,
+    lab_predict,
+    lab_resnet,
+    lab_train_epoch,
+    parse_size,
+    pick_device,
+    print_footer,
+    print_header,
+    print_table,
+    quiet_ray_data,
+    ratio,
+    start_ray,
+)
+
+TARGETS = {"fc": 20.0, "layer4": 2.0}
+"""Issue 7: an epoch with the cache at least 20x (fc) and 2x (layer4) faster than the lab's."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=32, help="training images (32)")
+    parser.add_argument("--valid", type=int, default=8, help="validation images (8)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run (1)")
+    parser.add_argument("--freeze", nargs="+", default=["fc", "layer4"],
+                        choices=sorted(TARGETS), help="freeze specs (fc layer4)")
+    parser.add_argument("--size", type=parse_size, default=(240, 800), help="HxW (240x800)")
+    parser.add_argument("--model", default="resnet50", help="backbone (resnet50)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="boatray's batch size (train.batch_size; the lab keeps 8)")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="boatray's train.loader_workers (default: the config's)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Ray Train workers (0: local mode in process, the default)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--sample", type=Path, default=SAMPLE,
+                        help="the real MarDCT sample (raw layout)")
+    return parser
+
+
+def lab_run(weights_file: Path, arch: str, manifest: Path, freeze: str, epochs: int,
+            size: tuple[int, int], lr: float, device_type: str) -> dict:
+    """The lab's fine-tuning: model build, then per epoch a training and a validation pass."""
+    device = torch.device(device_type)
+    started = time.perf_counter()
+    frame, classes = read_manifest(manifest)
+    model = lab_resnet(arch, len(classes), freeze)
+    model.load_state_dict(torch.load(weights_file, weights_only=True))
+    model.to(device)
+    optimizer = lab_optimizer(model, lr)
+    train_rows, valid_rows = frame[frame.split == "train"], frame[frame.split == "valid"]
+    train_loader = lab_loader(train_rows.path, train_rows.label_idx, size, shuffle=True)
+    valid_loader = lab_loader(valid_rows.path, valid_rows.label_idx, size, shuffle=False)
+    for _ in range(epochs):
+        epoch_started = time.perf_counter()
+        images, seconds = lab_train_epoch(model, train_loader, optimizer, device)
+        lab_predict(model, valid_loader, device)
+        epoch = time.perf_counter() - epoch_started
+    return {"train images/s": images / seconds, "epoch s": epoch,
+            "run s": time.perf_counter() - started}
+
+
+def boatray_run(manifest: Path, settings: dict, use_ray: bool) -> dict:
+    """`train.fit` of one run with `settings` (an experiment dict): its last epoch's metrics,
+    the run's wall time and, where it built a frozen-prefix cache, the cache's build time."""
+    import ray
+
+    ray_start = None
+    if use_ray:
+        quiet_ray_data()
+        ray_start = start_ray(address="local", log_to_driver=False,
+                              include_dashboard=settings["train"]["num_workers"] > 0)
+    exp = from_dict(settings)
+    try:
+        started = time.perf_counter()
+        result = train.fit(exp, manifest, exp.results_dir / "run")
+        seconds = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    metrics = result.metrics
+    built = [json.loads(info.read_text())["seconds"]
+             for info in Path(exp.storage_uri).glob(f"{prefix_cache.CACHE_DIR}/*/"
+                                                    f"{prefix_cache.INFO_FILE}")]
+    return {"train images/s": metrics["images_per_second"], "epoch s": metrics["epoch_seconds"],
+            "run s": seconds, "cache build s": sum(built) if built else None,
+            "ray start s": ray_start}
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    device = pick_device(args.device)
+    print_header(f"one fine-tuning epoch, {args.model} at {args.size[0]}x{args.size[1]}, "
+                 f"{args.images} train + {args.valid} valid real JPEGs, device {device}")
+    work = Path(tempfile.mkdtemp(prefix="boatray-bench-finetune-"))
+    manifest = image_tree(work / "images", {"train": args.images, "valid": args.valid},
+                          args.sample)
+    _, classes = read_manifest(manifest)
+    torch.manual_seed(0)
+    weights_file = work / "weights.pt"
+    torch.save(models.build(args.model, "none", len(classes)).state_dict(), weights_file)
+
+    rows = []
+    for freeze in args.freeze:
+        lab, memory = isolated(lab_run, weights_file, args.model, manifest, freeze, args.epochs,
+                               args.size, args.lr, device.type, device=device)
+        rows.append({"path": "lab loop (batch 8, fp32, eager)", "freeze": freeze, "cache": "-",
+                     **lab, "train vs lab": 1.0, "run vs lab": 1.0, **memory})
+        for cache in (False, True):
+            settings = experiment(args, weights_file, freeze, cache, device, work / "storage")
+            run, memory = isolated(boatray_run, manifest, settings, cache or args.workers > 0,
+                                   device=device)
+            rows.append({"path": f"boatray train.fit ({args.workers} workers)",
+                         "freeze": freeze, "cache": "on" if cache else "off", **run,
+                         "train vs lab": ratio(run["train images/s"], lab["train images/s"]),
+                         "run vs lab": ratio(lab["run s"], run["run s"]), **memory})
+    print_table(rows)
+    for row in rows:
+        if row["cache"] == "on":
+            target = TARGETS[row["freeze"]]
+            print(f"target  : {row['freeze']} epoch with the cache >= {target:.0f}x the lab's "
+                  f"training loop: {row['train vs lab']:.1f}x "
+                  f"({'met' if row['train vs lab'] >= target else 'NOT met'}); whole run "
+                  f"{row['run vs lab']:.2f}x")
+    print_footer()
+
+
+def experiment(args: argparse.Namespace, weights_file: Path, freeze: str, cache: bool,
+               device: torch.device, storage: Path) -> dict:
+    """The experiment dict of one boatray run (config defaults for everything not set here);
+    each run has its own results folder under `storage`, so no run reuses another's cache."""
+    settings = {"name": f"{freeze}-cache-{'on' if cache else 'off'}",
+                "storage_path": str(storage),
+                "features": {"use_gpu": device.type == "cuda"},
+                "model": {"name": args.model, "weights": str(weights_file)},
+                "data": {"image_size": list(args.size), "augment": False},
+                "train": {"epochs": args.epochs, "batch_size": args.batch_size,
+                          "freeze": freeze, "lr": args.lr, "cache_prefix": cache,
+                          "num_workers": args.workers, "use_gpu": device.type == "cuda",
+                          "max_failures": 0}}
+    if args.loader_workers is not None:
+        settings["train"]["loader_workers"] = args.loader_workers
+    return settings
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The frozen-prefix cache: when it is used, its key, exactness, reuse, and its checkpoints.
+
+The training runs are in-process (Ray Train's local mode, `train.num_workers=0`) on a tiny
+generated set, so they cost seconds; the caches are computed by the Ray Data pipeline on the
+shared test Ray instance; one run with 2 DDP workers proves the cached path under Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boatray import models, predict, prefix_cache, train, tuning
+from boatray.config import SyntheticConfig, from_dict
+from boatray.data import manifest as manifest_module
+from boatray.data import synthetic
+from boatray.results import proba_of
+
+SIZE = [32, 96]
+CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """4 classes of 12 generated training images at 32x96: 36 train, 12 valid."""
+    root = tmp_path_factory.mktemp("cache-data")
+    tree = synthetic.generate(root / "images", SyntheticConfig(
+        classes=CLASSES, train_per_class=12, test_per_class=2, image_size=tuple(SIZE),
+        imbalance=1.0), seed=0)
+    return manifest_module.prepare(tree, root / "data", valid_fraction=0.25, seed=0)
+
+
+def settings(storage: Path, **train_settings) -> dict:
+    """An in-process run (local mode) of resnet18 with random weights, SGD, 2 epochs."""
+    return {"name": "cache", "storage_path": str(storage), "seed": 0,
+            "data": {"image_size": SIZE},
+            "model": {"name": "resnet18", "weights": "none"},
+            "features": {"num_actors": 1, "cpus_per_actor": 0.5, "batch_size": 16},
+            "train": {"epochs": 2, "batch_size": 12, "optimizer": "sgd", "lr": 0.01,
+                      "num_workers": 0, "loader_workers": 0, "max_failures": 0,
+                      **train_settings}}
+
+
+def initial_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return models.build("resnet18", "none", CLASSES).state_dict()
+
+
+def suffix_keys(state: dict, cut: str) -> set[str]:
+    """The state-dict keys of the stages after `cut` (the trained suffix)."""
+    after = models.CUT_POINTS.index(cut) + 1
+    trained = {"fc", *models.CUT_POINTS[after:]}
+    return {k for k in state if k.split(".")[0] in trained}
+
+
+# ---------------------------------------------------------------- without Ray
+
+def test_the_cache_is_used_only_for_a_frozen_prefix_without_augmentation(tmp_path):
+    def stage(**overrides) -> tuple[str | None, str]:
+        raw = settings(tmp_path)
+        raw["train"].update(overrides.pop("train", {}))
+        raw["data"].update(overrides.pop("data", {}))
+        return prefix_cache.cached_stage(from_dict(raw))
+
+    assert stage(train={"freeze": "fc"})[0] == "pool"
+    assert stage(train={"freeze": "layer4"})[0] == "layer3"
+    assert stage(train={"freeze": "layer1"})[0] == "stem"
+    for overrides, why in [({"train": {"freeze": "fc", "cache_prefix": False}}, "cache_prefix"),
+                           ({"train": {"freeze": "fc"}, "data": {"augment": True}}, "augment"),
+                           ({"train": {"freeze": "all"}}, "no stage frozen"),
+                           ({"train": {"freeze": "gradual"}}, "gradual")]:
+        found, reason = stage(**overrides)
+        assert found is None and why in reason
+
+
+def test_the_key_names_everything_the_activations_depend_on(tmp_path, manifest):
+    frame, _ = manifest_module.read_manifest(manifest)
+    rows = prefix_cache.cached_rows(frame)
+    assert set(rows.split) == {"train", "valid"}
+
+    def key(weights="none", seed=0, stage="layer3", rows=rows, **data) -> str:
+        raw = settings(tmp_path, seed=seed)
+        raw["model"]["weights"] = weights
+        raw["data"].update(data)
+        return prefix_cache.cache_key(from_dict(raw), rows, stage)
+
+    base = key()
+    assert base.startswith("resnet18-layer3-32x96-") and key() == base
+    assert len({base, key(seed=1), key(stage="pool"), key(image_size=[64, 96]),
+                key(rows=rows.iloc[1:])}) == 5
+    weights = tmp_path / "w.pt"
+    torch.save(initial_state(), weights)
+    pretrained = key(weights=str(weights))
+    assert key(weights=str(weights), seed=1) == pretrained  # the seed only moves random inits
+    torch.save({k: v + 1 for k, v in initial_state().items()}, weights)
+    assert key(weights=str(weights)) != pretrained  # a weights file by its content
+
+
+def test_a_cache_that_would_not_fit_on_the_disk_is_not_computed(tmp_path, manifest,
+                                                                 monkeypatch, capsys):
+    monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("computed"))
+    monkeypatch.setattr(prefix_cache.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(2**30, 2**30 - 10**5, 10**5))
+    exp = from_dict(settings(tmp_path, freeze="layer4"))
+    assert prefix_cache.prepare(exp, manifest) is None  # 48 x 256x2x6 float16 = 0.3 MB
+    assert "not used: its layer3 activations need" in capsys.readouterr().out
+
+
+def test_the_sweep_computes_one_cache_per_frozen_prefix_and_seed(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(prefix_cache, "prepare", lambda exp, manifest: asked.append(
+        (exp.train.freeze, exp.train.seed)) or f"{exp.train.freeze}-{exp.train.seed}")
+    raw = settings(tmp_path)
+    raw["seed"] = 5
+    raw["sweep"] = {"freeze": ["fc", "layer4", "all"], "lr": [0.1, 0.01], "repeats": 2}
+    caches = tuning.sweep_caches(from_dict(raw), tmp_path / "manifest.parquet")
+    assert sorted(asked) == sorted((f, s) for f in ("fc", "layer4", "all") for s in (5, 6))
+    assert caches["layer4/1"] == "layer4-6" and len(caches) == 6
+
+
+# ---------------------------------------------------------------- in-process runs
+
+@pytest.fixture(scope="module")
+def runs(ray_local, manifest, tmp_path_factory) -> dict:
+    """Final states (and last metrics) of in-process runs, cached and on images."""
+    root = tmp_path_factory.mktemp("cache-runs")
+    save, saved, out = train.save_checkpoint, {}, {}
+
+    def keep(directory, module, *rest):
+        saved["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return save(directory, module, *rest)
+
+    plan = [("fc-images", "fc", False, "float16"), ("fc-cached", "fc", True, "float16"),
+            ("layer4-images", "layer4", False, "float16"),
+            ("layer4-cached", "layer4", True, "float16"),
+            ("layer4-cached-float32", "layer4", True, "float32")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "save_checkpoint", keep)
+        for name, freeze, cache, dtype in plan:
+            patch.setattr(prefix_cache, "DTYPE", dtype)
+            exp = from_dict(settings(root / "results", freeze=freeze, cache_prefix=cache))
+            result = train.fit(exp, manifest, root / "runs" / name)
+            out[name] = {"state": saved.pop("state"), "metrics": result.metrics, "exp": exp}
+    return out
+
+
+def relative_change(ours: dict, theirs: dict, start: dict, keys: set[str]) -> float:
+    """The largest |ours - theirs| over the keys, per tensor relative to |theirs - start|."""
+    worst = 0.0
+    for key in keys:
+        if ours[key].is_floating_point():
+            moved = (theirs[key] - start[key]).norm()
+            assert moved > 0, f"{key} did not train"
+            worst = max(worst, float((ours[key] - theirs[key]).norm() / moved))
+    return worst
+
+
+@pytest.mark.slow
+def test_the_cached_path_trains_exactly_the_uncached_weights(runs):
+    """With float32 storage, training from cached layer3 maps equals training on images:
+    same initial model, batches, BatchNorm modes and updates; the prefix never changes."""
+    start = initial_state()
+    cached, images = runs["layer4-cached-float32"]["state"], runs["layer4-images"]["state"]
+    trained = suffix_keys(start, "layer3")
+    assert relative_change(cached, images, start, trained) < 1e-3
+    for key in set(start) - trained:  # the frozen prefix, BatchNorm statistics included
+        assert torch.equal(cached[key], start[key]) and torch.equal(images[key], start[key])
+
+
+@pytest.mark.slow
+def test_a_float16_cache_trains_nearly_the_same_weights(runs):
+    """fp16 rounding of the cached inputs: tiny for the head on pooled features; for layer4 of
+    a randomly initialised net it moves each step's gradients by about 5% (the exact float32
+    path is tested above), so the tolerance is wider there."""
+    start = initial_state()
+    fc = relative_change(runs["fc-cached"]["state"], runs["fc-images"]["state"], start,
+                         suffix_keys(start, "pool"))
+    layer4 = relative_change(runs["layer4-cached"]["state"], runs["layer4-images"]["state"],
+                             start, suffix_keys(start, "layer3"))
+    assert fc < 1e-2 and layer4 < 0.25
+    for spec in ("fc", "layer4"):
+        ours, theirs = runs[f"{spec}-cached"]["metrics"], runs[f"{spec}-images"]["metrics"]
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_cache(runs, manifest, monkeypatch, capsys):
+    def computing(*args):
+        raise AssertionError("the cache was computed again")
+
+    monkeypatch.setattr(prefix_cache, "_compute", computing)
+    exp = runs["layer4-cached"]["exp"]
+    where = prefix_cache.prepare(exp, manifest)
+    assert "training from cached layer3 activations" in capsys.readouterr().out
+    folder, info = prefix_cache.open_cache(where)
+    assert folder == Path(where) and info["stage"] == "layer3" and info["dtype"] == "float16"
+    assert info["images"] == {"train": 36, "valid": 12}
+    assert np.load(folder / "train.npy", mmap_mode="r").shape == (36, 256, 2, 6)
+    assert not list(folder.parent.glob(".*.tmp"))  # no unfinished folders left behind
+
+
+@pytest.mark.slow
+def test_a_remote_cache_is_read_from_one_local_copy(runs, manifest, tmp_path, monkeypatch):
+    exp = runs["fc-cached"]["exp"]
+    frame, _ = manifest_module.read_manifest(manifest)
+    key = prefix_cache.cache_key(exp, prefix_cache.cached_rows(frame), "pool")
+    shared = Path(prefix_cache.location(exp, key))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # this node's local folder
+    folder, info = prefix_cache.open_cache(f"file://{shared}")
+    assert folder.is_relative_to(tmp_path) and info["stage"] == "pool"
+    for split in prefix_cache.SPLITS:
+        assert np.array_equal(np.load(folder / f"{split}.npy"), np.load(shared / f"{split}.npy"))
+    assert prefix_cache.open_cache(f"file://{shared}")[0] == folder
+
+
+# ---------------------------------------------------------------- under Ray Train
+
+@pytest.mark.slow
+def test_a_cached_run_with_two_workers_saves_a_model_that_predicts_images(
+        runs, manifest, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("recomputed"))
+    raw = settings(Path(runs["layer4-cached"]["exp"].storage_path), freeze="layer4",
+                   num_workers=2, cpus_per_worker=1, epochs=1)
+    exp = from_dict(raw)
+    result = train.fit(exp, manifest, tmp_path / "run")
+    assert "training from cached layer3 activations" in capsys.readouterr().out
+    meta = json.loads((Path(result.checkpoint.path) / train.META_FILE).read_text())
+    assert meta["prefix_cache"] and "layer3" in meta["prefix_cache"]
+
+    frame, _ = manifest_module.read_manifest(manifest)
+    on_images = predict.predict_checkpoint(result.checkpoint.path, manifest, ("valid",))
+    model, _ = train.load_model(result.checkpoint.path)
+    folder, _ = prefix_cache.open_cache(meta["prefix_cache"])
+    cached = torch.from_numpy(np.load(folder / "valid.npy")).float()
+    with torch.inference_mode():
+        proba = torch.softmax(models.suffix(model, "layer3").eval()(cached).double(), 1)
+    valid = frame[frame.split == "valid"]
+    assert on_images.path.tolist() == valid.path.tolist()
+    assert np.allclose(proba_of(on_images), proba.numpy(), atol=0.02)
