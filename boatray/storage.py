@@ -15,12 +15,12 @@ from pyarrow import fs
 
 from boatray.config import Experiment
 
-RAY_DIRS = ("tune", "train")
+RAY_DIRS = ("tune", "train", "cache")
 DATA_DIR = "data"
 
 
 def _mirrored(relative: PurePosixPath) -> bool:
-    """Ray's own folders stay where Ray wrote them; of data/, only its files (not the images)."""
+    """Ray's folders and the prefix cache stay on the storage; of data/, only its files."""
     parts = relative.parts
     return parts[0] not in RAY_DIRS and not (parts[0] == DATA_DIR and len(parts) > 2)
 
