@@ -7,7 +7,9 @@ fp32, an eager loop), with the ratio and the peak memory of each. Each path runs
 process of its own (`isolated`). Memory is measured three ways, because boatray's work is
 spread over processes: that process's peak RSS (VmHWM), the peak of the summed PSS of that
 process and all its descendants (Ray's raylet, workers and actors included; sampled every
-0.2 s), and the GPU's peak allocated memory where there is a GPU.
+second: one sample reads every process's smaps_rollup, about 60 ms with Ray's ten processes,
+which sampled more often would slow the Ray paths it measures), and the GPU's peak allocated
+memory where there is a GPU.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class PeakMemory:
     out and there is no `process_mb` column.
     """
 
-    def __init__(self, device: torch.device | None = None, interval: float = 0.2,
+    def __init__(self, device: torch.device | None = None, interval: float = 1.0,
                  include_self: bool = True) -> None:
         self.device, self.interval, self.include_self = device, interval, include_self
         self.process_mb = self.tree_mb = 0.0

@@ -11,11 +11,9 @@ workers compete with each other, with the Ray processes and with anything else r
 efficiency printed is what this machine gives, not what two real nodes would.
 
 - extraction: `features.extract` over real JPEGs with `features.num_actors` 1 and 2, one
-  torch thread each. The actors reserve no CPU (`features.cpus_per_actor=0`): the decode
-  tasks each ask for one CPU, so on one-CPU nodes an actor holding any CPU share leaves them
-  nowhere to run once both nodes hold one, and the pipeline waits forever. Without a
-  reservation Ray may place both actors on one node: the row says where they ran.
-  Throughput is the pipeline's own images/s (features.json: actor start included);
+  torch thread and one CPU each (on CPUs the pipeline decodes inside its actors), so two
+  actors take one node each. Throughput is the pipeline's own images/s (features.json: actor
+  start included);
 - training: `train.fit` for `--epochs` epochs with `train.num_workers` 1 and 2 (one CPU each:
   one worker per node; DDP over gloo), every stage trained; throughput is the last epoch's
   training images/s over all workers (the first epoch includes warm-up).
@@ -113,7 +111,7 @@ def extraction_rows(args, manifest: Path, weights_file: Path, work: Path, addres
     model = ModelConfig(name=args.model, weights=str(weights_file))
     rows = []
     for actors in (1, 2):
-        cfg = FeaturesConfig(batch_size=args.batch_size, num_actors=actors, cpus_per_actor=0.0,
+        cfg = FeaturesConfig(batch_size=args.batch_size, num_actors=actors, cpus_per_actor=1.0,
                              threads_per_actor=1)
         before = actor_nodes(address, "MapWorker")
         out = work / f"features-{actors}.parquet"

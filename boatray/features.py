@@ -1,15 +1,22 @@
 """Ray Data feature extraction: the backbone trunk over every image of a manifest.
 
-The pipeline: the manifest's rows (path, label_idx, split), repartitioned so that several
-actors get work -> CPU tasks decode and resize with `boatray.data.images.decode` (uint8) ->
-an actor pool of `TrunkRunner`s, each holding the trunk (one actor per GPU, `num_gpus=1`, or
-CPU actors), normalising on its device (`images.normalize`), channels_last, bf16 autocast on
-GPU, inference mode -> the driver streams the rows into ONE parquet file.
+The pipeline: the manifest's rows (path, label_idx, split), as several blocks so that every
+actor gets work -> `decode_rows` (`boatray.data.images.decode`: uint8, resized) -> an actor pool
+of `TrunkRunner`s, each holding the trunk (one actor per GPU, `num_gpus=1`, or CPU actors),
+normalising on its device (`images.normalize`), channels_last, bf16 autocast on GPU, inference
+mode, torch.compile with `features.compile` -> the driver streams the rows into ONE parquet file.
+
+Where decoding runs: with GPUs, in CPU tasks of their own, as many in parallel as the cluster
+has CPUs, so JPEG decoding keeps up with the GPUs. On CPUs only, Ray Data fuses decoding into
+the actors (the two steps ask for the same resources): the trunk's threads already use every
+core of a node, and decode tasks beside them would only take cores away and copy the uint8
+images through the object store.
 
 features.parquet: `path`, `label_idx`, `split` and `features`, a fixed-size list (float32, or
 float16: `features.dtype`) of the flattened trunk output; the schema metadata holds
 the classes, the output shape and the backbone. `features.json` beside it holds the
-extraction's seconds, images/s and the images that failed to decode (listed and left out,
+extraction's seconds, images/s, its start-up (until the first batch) apart from its
+steady-state images/s (`PipelineTiming`), and the images that failed to decode (listed and left out,
 never silently dropped). `trunk` may end at any cut point of `boatray.models` (`pool`: the
 2,048-d vectors of resnet50; `layer3`: the maps the `layer4` freeze spec's suffix consumes).
 `trunk_batches` is the pipeline alone; the frozen-prefix cache (prefix_cache.py) writes its
@@ -47,7 +54,9 @@ COLUMNS = ("path", "label_idx", "split")
 
 
 def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """CPU task: decode a batch of rows to uint8 (n, h, w, 3); a failure is kept in `error`."""
+    """CPU task: decode a batch of rows to uint8 (n, h, w, 3); a failure is kept in `error`.
+    Each row carries its share of the batch's decoding time (`decode_seconds`)."""
+    started = time.perf_counter()
     images = np.zeros((len(batch["path"]), size[0], size[1], 3), dtype=np.uint8)
     errors = []
     for i, path in enumerate(batch["path"]):
@@ -56,18 +65,22 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str
             errors.append("")
         except BoatrayError as exc:
             errors.append(str(exc))
-    return {**{c: batch[c] for c in COLUMNS}, "image": images, "error": np.array(errors)}
+    share = (time.perf_counter() - started) / max(len(images), 1)
+    return {**{c: batch[c] for c in COLUMNS}, "image": images, "error": np.array(errors),
+            "decode_seconds": np.full(len(images), share)}
 
 
 class TrunkRunner:
     """Actor: the trunk on its device; uint8 images in, flattened features out.
 
     `trunk` is a one-item list holding the object-store reference of the trunk: the driver
-    puts it there once, every actor (and a restarted one) fetches it.
+    puts it there once, every actor (and a restarted one) fetches it. With `compile` the trunk
+    runs under torch.compile with inductor's `freezing`; if compiling fails (no C++ compiler
+    on the node, an unsupported op), the actor says so in one line and goes on eager.
     """
 
     def __init__(self, trunk: list, use_gpu: bool, amp: bool, channels_last: bool,
-                 threads: int | None, dtype: str) -> None:
+                 threads: int | None, dtype: str, compile: bool = False) -> None:
         trunk = ray.get(trunk[0])
         if threads:
             torch.set_num_threads(threads)
@@ -75,22 +88,43 @@ class TrunkRunner:
         self.amp = amp and use_gpu
         self.channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.trunk = trunk.to(self.device, memory_format=memory_format).eval()
+        self.eager = trunk.to(self.device, memory_format=memory_format).eval()
+        # freezing: the weights become constants, so inductor folds BatchNorm into the convs
+        # and prepacks them for oneDNN (inference only: 2x on a CPU in benchmarks/)
+        self.trunk = torch.compile(self.eager, options={"freezing": True}) if compile else (
+            self.eager)
         self.dtype = np.dtype(dtype)
 
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
+                                                    enabled=self.amp):
+            inputs = normalize(images, self.channels_last)
+            if self.trunk is self.eager:
+                return self.trunk(inputs)
+            try:
+                return self.trunk(inputs)
+            except Exception as exc:  # torch.compile's failures have no common type
+                print(f"[features] torch.compile failed ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); running eager",
+                      flush=True)
+                self.trunk = self.eager
+                return self.trunk(inputs)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Features of a `decode_rows` batch; each row carries its share of the batch's time
+        on the trunk (`trunk_seconds`) beside that of decoding."""
+        started = time.perf_counter()
         ok = batch["error"] == ""
         out = None
         if ok.any():
             images = to_chw(batch["image"][ok]).to(self.device, non_blocking=True)
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
-                                                        enabled=self.amp):
-                result = self.trunk(normalize(images, self.channels_last))
-            out = result.float().flatten(1).cpu().numpy().astype(self.dtype)
+            out = self._forward(images).float().flatten(1).cpu().numpy().astype(self.dtype)
         features = np.zeros((len(ok), out.shape[1] if out is not None else 0), self.dtype)
         if out is not None:
             features[ok] = out
-        return {**{c: batch[c] for c in COLUMNS}, "error": batch["error"], "features": features}
+        share = (time.perf_counter() - started) / max(len(ok), 1)
+        return {**{c: batch[c] for c in (*COLUMNS, "error", "decode_seconds")},
+                "features": features, "trunk_seconds": np.full(len(ok), share)}
 
 
 def output_shape(trunk: nn.Module, image_size: tuple[int, int]) -> tuple[int, ...]:
@@ -123,22 +157,74 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
             "image_size": list(image_size), "model": config_module.to_dict(model)}
     out_path = Path(out_path)
     batches, settings = trunk_batches(frame, trunk, cfg, image_size)  # lazy: runs below
+    timing = PipelineTiming(fused_decode=not cfg.use_gpu, actors=settings["actors"])
     started = time.monotonic()
-    written, failed = write_features(batches, out_path, meta)
+    written, failed = write_features(timing.watch(batches), out_path, meta)
     seconds = time.monotonic() - started
     stats = {"images": written, "failed": failed, "seconds": seconds,
              "images_per_second": written / seconds if seconds > 0 else None,
-             "use_gpu": cfg.use_gpu, "batch_size": cfg.batch_size, **settings}
+             **timing.summary(started), "use_gpu": cfg.use_gpu, "batch_size": cfg.batch_size,
+             **settings}
     atomic_write_text(stats_path(out_path), json.dumps(stats, indent=2) + "\n")
-    print(f"[features] {written} images -> {out_path} in {seconds:.1f} s "
-          f"({stats['images_per_second'] or 0:.1f} images/s, {settings['actors']} actor(s))",
-          flush=True)
+    rates = f"{stats['images_per_second'] or 0:.2f} images/s"
+    if stats["steady_images_per_second"]:
+        rates += (f"; the first batch after {stats['startup_seconds']:.1f} s (actor start, "
+                  f"model shipping{', compiling' if cfg.compile else ''}), steady state "
+                  f"{stats['steady_images_per_second']:.2f} images/s")
+    print(f"[features] {written} images -> {out_path} in {seconds:.1f} s ({rates}; "
+          f"{settings['actors']} actor(s))", flush=True)
     if failed:
         print(f"[features] {len(failed)} image(s) could not be decoded and are left out "
               f"(listed in {stats_path(out_path)}): "
               + "; ".join(f["path"] for f in failed[:5]) + (" ..." if len(failed) > 5 else ""),
               flush=True)
     return out_path
+
+
+class PipelineTiming:
+    """Where an extraction's time went, from the batches as they arrive: the start-up (until
+    the first batch) and the steady state.
+
+    The steady state comes from the rows' own time shares (`decode_seconds`, `trunk_seconds`):
+    an actor's rate on a batch is its rows over the seconds it spent on them (decoding included
+    where decoding is fused into the actors, on CPUs), and the pipeline's is the actors' count
+    times the median over batches, which leaves out a first batch that compiles or warms up.
+    Arrival times would not do: Ray Data hands batches over in bursts.
+    """
+
+    def __init__(self, fused_decode: bool, actors: int) -> None:
+        self.fused_decode, self.actors = fused_decode, actors
+        self.first_at: float | None = None
+        self.first_rows = 0
+        self.actor_rates: list[float] = []
+        self.decode_rates: list[float] = []
+
+    def watch(self, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """`batches`, passed through, timed."""
+        for batch in batches:
+            rows = len(batch["path"])
+            if self.first_at is None:
+                self.first_at, self.first_rows = time.monotonic(), rows
+            decode = float(batch["decode_seconds"].sum())
+            trunk = float(batch["trunk_seconds"].sum())
+            busy = trunk + decode if self.fused_decode else trunk
+            if rows and busy > 0:
+                self.actor_rates.append(rows / busy)
+            if rows and decode > 0:
+                self.decode_rates.append(rows / decode)
+            yield batch
+
+    def summary(self, started: float) -> dict:
+        """`startup_seconds` (from `started`, monotonic), `first_batch_images`,
+        `steady_images_per_second` and `decode_images_per_second_per_cpu` (None if unknown)."""
+        def median(rates: list[float]) -> float | None:
+            return float(np.median(rates)) if rates else None
+
+        actor = median(self.actor_rates)
+        return {"startup_seconds": None if self.first_at is None else self.first_at - started,
+                "first_batch_images": self.first_rows,
+                "steady_images_per_second": actor * self.actors if actor else None,
+                "decode_images_per_second_per_cpu": median(self.decode_rates)}
 
 
 def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
@@ -155,21 +241,26 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
     threads = cfg.threads_per_actor or (
         None if cfg.use_gpu else max(1, (os.cpu_count() or 1) // math.ceil(actors / nodes)))
-    dataset = ray.data.from_pandas(frame[list(COLUMNS)])
-    dataset.context.execution_options.preserve_order = True
+    # the rows as several blocks from the start (no repartition stage), so that every actor
+    # gets work; in order, since the writers fill arrays in manifest order
     blocks = max(actors, min(math.ceil(len(frame) / cfg.batch_size), 8 * actors))
-    dataset = dataset.repartition(blocks).map_batches(
+    rows = frame[list(COLUMNS)].reset_index(drop=True)
+    dataset = ray.data.from_pandas([rows.iloc[part] for part in
+                                    np.array_split(np.arange(len(rows)), blocks) if len(part)])
+    dataset.context.execution_options.preserve_order = True
+    dataset = dataset.map_batches(  # same resources as a CPU actor: fused into it
         decode_rows, fn_kwargs={"size": tuple(image_size)}, batch_size=cfg.batch_size,
-        batch_format="numpy")
+        batch_format="numpy", num_cpus=1 if cfg.use_gpu else cfg.cpus_per_actor)
     gpu = {"num_gpus": 1} if cfg.use_gpu else {}
     dataset = dataset.map_batches(
         TrunkRunner, fn_constructor_kwargs={
             "trunk": [ray.put(trunk)], "use_gpu": cfg.use_gpu, "amp": cfg.amp,
-            "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype},
+            "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype,
+            "compile": cfg.compile},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
         batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu)
     return (dataset.iter_batches(batch_size=None, batch_format="numpy"),
-            {"actors": actors, "threads_per_actor": threads})
+            {"actors": actors, "threads_per_actor": threads, "compile": cfg.compile})
 
 
 def write_features(batches, out_path: Path, meta: dict) -> tuple[int, list[dict]]:

@@ -111,6 +111,26 @@ def test_a_cache_that_would_not_fit_on_the_disk_is_not_computed(tmp_path, manife
     assert "not used: its layer3 activations need" in capsys.readouterr().out
 
 
+def test_a_cache_that_would_not_pay_is_not_computed(tmp_path, manifest, monkeypatch, capsys):
+    """layer3 of resnet18 (freeze layer3) saves about a quarter of an epoch's FLOPs: below the
+    default train.cache_min_speedup; layer4's prefix saves more than half."""
+    network = models.build("resnet18", "none", CLASSES)
+    by_spec = {spec: prefix_cache.estimated_speedup(network, models.frozen_prefix(spec), SIZE)
+               for spec in ("fc", "layer4", "layer3")}
+    assert by_spec["fc"] > 1000 and by_spec["layer4"] > 2 > by_spec["layer3"] > 1.2
+    monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("computed"))
+    assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="layer3")), manifest) is None
+    assert (f"not used: training from layer2's activations would make an epoch about "
+            f"{by_spec['layer3']:.2f}x faster (by FLOPs), below train.cache_min_speedup=1.5"
+            ) in capsys.readouterr().out
+    computed = []  # the threshold lowered: the layer2 cache is computed
+    monkeypatch.setattr(prefix_cache, "_compute", lambda exp, rows, stage, *rest: computed.append(
+        stage) or {"images": {"train": len(rows)}, "seconds": 1.0, "bytes": 1})
+    assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="layer3",
+                                                   cache_min_speedup=1.0)), manifest)
+    assert computed == ["layer2"]
+
+
 def test_the_sweep_computes_one_cache_per_frozen_prefix_and_seed(tmp_path, monkeypatch):
     asked = []
     monkeypatch.setattr(prefix_cache, "prepare", lambda exp, manifest: asked.append(

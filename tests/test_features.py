@@ -69,6 +69,9 @@ def test_an_image_that_fails_to_decode_is_reported(dataset, extracted, capsys):
     assert [f["path"] for f in stats["failed"]] == [dataset["broken"]]
     assert "cannot decode image" in stats["failed"][0]["error"]
     assert stats["images"] == len(dataset["frame"]) - 1 and stats["images_per_second"] > 0
+    assert 0 < stats["first_batch_images"] <= 8 and 0 < stats["startup_seconds"] < stats["seconds"]
+    assert stats["steady_images_per_second"] > 0  # start-up apart from the steady state
+    assert stats["decode_images_per_second_per_cpu"] > stats["steady_images_per_second"] / 2
     info = features.feature_info(extracted)
     assert info["classes"] == dataset["classes"] and info["shape"] == [512]
     assert info["extraction"]["failed"] == stats["failed"]
@@ -105,3 +108,42 @@ def test_trunk_runner_gives_stage_maps_in_float16(dataset, tmp_path, ray_local):
     with torch.inference_mode():
         expected = trunk(normalize(to_chw(decode_batch(list(paths), SIZE)))).numpy()
     np.testing.assert_allclose(x.astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_trunk_runner_falls_back_to_eager_when_compiling_fails(dataset, ray_local, monkeypatch,
+                                                                 capsys):
+    """features.compile on a node where torch.compile cannot work: one line, eager results."""
+    trunk = models.trunk(models.build("resnet18", str(dataset["weights"]), 4), "pool")
+
+    def broken_compile(module, options):
+        assert options == {"freezing": True}
+
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found\nlong traceback")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    paths = dataset["frame"].path[:2].to_numpy()
+    batch = features.decode_rows({"path": paths, "label_idx": np.arange(2),
+                                  "split": np.array(["train"] * 2)}, SIZE)
+    runner = features.TrunkRunner([ray_local.put(trunk)], False, True, True, 1, "float32",
+                                  compile=True)
+    out = runner(batch)
+    assert "torch.compile failed (RuntimeError: no C++ compiler found); running eager" in (
+        capsys.readouterr().out)
+    assert runner.trunk is runner.eager
+    with torch.inference_mode():
+        expected = trunk.eval()(normalize(to_chw(decode_batch(list(paths), SIZE)))).flatten(1)
+    np.testing.assert_allclose(out["features"], expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_trunk_gives_the_eager_features(dataset, ray_local):
+    """features.compile (torch.compile with inductor freezing) changes speed, not features."""
+    trunk = models.trunk(models.build("resnet18", str(dataset["weights"]), 4), "pool")
+    paths = dataset["frame"].path[:4].to_numpy()
+    batch = features.decode_rows({"path": paths, "label_idx": np.arange(4),
+                                  "split": np.array(["train"] * 4)}, SIZE)
+    runs = {compiled: features.TrunkRunner([ray_local.put(trunk)], False, True, True, None,
+                                           "float32", compile=compiled)(batch)["features"]
+            for compiled in (False, True)}
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-3, atol=1e-3)
