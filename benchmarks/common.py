@@ -223,15 +223,23 @@ def _measured_call(fn: Callable, args: tuple, device_type: str | None) -> tuple[
     return result, memory.columns()
 
 
+def _default_to_fork() -> None:
+    multiprocessing.set_start_method("fork", force=True)
+
+
 def isolated(fn: Callable, *args: Any, device: torch.device | None = None) -> tuple[Any, dict]:
     """`fn(*args)` in a fresh (spawned) process: (its result, its peak-memory columns).
 
     Each measured path runs alone in its own process, so its peak memory is its own (not the
     allocator's leftovers of an earlier path) and it pays its own warm-up. `fn` must be a
     module-level function; its arguments and result cross the process boundary by pickle.
+
+    Inside, the default start method is set back to `fork`, Linux's and a Ray worker's default:
+    a spawned process would otherwise hand `spawn` down to its DataLoader workers, each then
+    re-importing torch and boatray (about 10 s each here), a cost no real run pays.
     """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context) as pool:
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_default_to_fork) as pool:
         return pool.submit(_measured_call, fn, args, device.type if device else None).result()
 
 

@@ -1,6 +1,6 @@
 """Feature extraction throughput on real JPEGs: boatray against the lab's plain PyTorch loop.
 
-    python benchmarks/extraction.py [--images 48] [--size 240x800] [--compile]
+    python benchmarks/extraction.py [--images 96] [--size 240x800] [--compile]
 
 One run, one machine, the same images (real MarDCT JPEGs, repeated as needed) and the same
 weights (one random-init state dict saved to a file; timings do not depend on the values):
@@ -66,8 +66,8 @@ LAB16_IMAGES = 5193
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=48,
-                        help="images per path (real JPEGs, repeated as needed; default 48)")
+    parser.add_argument("--images", type=int, default=96,
+                        help="images per path (real JPEGs, repeated as needed; default 96)")
     parser.add_argument("--size", type=parse_size, default=(240, 800), help="HxW (240x800)")
     parser.add_argument("--model", default="resnet50", help="backbone (resnet50)")
     parser.add_argument("--batch-size", type=int, default=16,

@@ -409,8 +409,11 @@ def train_loop_per_worker(config: dict) -> None:
         len(train_set), rank, world, seed=cfg.seed,
         weights=weights[train_set.labels].tolist() if cfg.balanced_sampler else None)
     valid_sampler = ShardSampler(len(valid_set), rank, world, shuffle=False, pad=False)
-    loader_args = {"num_workers": cfg.loader_workers,
-                   "persistent_workers": cfg.loader_workers > 0, "pin_memory": on_gpu}
+    # a cache is read a memory-mapped batch at a time: on a CPU, loader processes would only
+    # add their start-up (seconds each) and take cores from the training step
+    workers = 0 if cut is not None and not on_gpu else cfg.loader_workers
+    loader_args = {"num_workers": workers, "persistent_workers": workers > 0,
+                   "pin_memory": on_gpu}
     train_loader, valid_loader = (ray.train.torch.prepare_data_loader(
         make_loader(dataset, sampler, cfg.batch_size, **loader_args), add_dist_sampler=False)
         for dataset, sampler in ((train_set, train_sampler), (valid_set, valid_sampler)))
