@@ -35,7 +35,6 @@ import numpy as np
 import ray
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from boatray import features, models
 from boatray.config import FeaturesConfig, ModelConfig
@@ -79,14 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the real MarDCT sample (raw layout)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Data rows")
     return parser
-
-
-def flops_per_image(trunk: nn.Module, size: tuple[int, int]) -> float:
-    """FLOPs of one forward pass of `trunk` on one image (2 per multiply-add)."""
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        trunk.eval()(torch.zeros(1, 3, *size))
-    return float(counter.get_total_flops())
 
 
 def lab_extract(weights_file: Path, arch: str, manifest: Path, size: tuple[int, int],
@@ -176,7 +167,7 @@ def main() -> None:
     network = models.build(args.model, "none", len(classes))
     weights_file = work / "weights.pt"
     torch.save(network.state_dict(), weights_file)
-    gflop = flops_per_image(models.trunk(network, "pool"), args.size) / 1e9
+    gflop = models.forward_flops(models.trunk(network, "pool"), args.size) / 1e9
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     first_peak = matmul_peak(device, peak_dtype)
 

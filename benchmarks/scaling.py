@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from boatray import features, models, train
 from boatray.config import FeaturesConfig, ModelConfig, from_dict
 from boatray.data.manifest import read_manifest
+from boatray.sweep import free_ports
 from common import (
     SAMPLE,
     PeakMemory,
@@ -61,17 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the real MarDCT sample (raw layout)")
     parser.add_argument("--skip-training", action="store_true", help="extraction rows only")
     return parser
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports that are free right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def start_cluster():

@@ -99,11 +99,11 @@ class TrunkRunner:
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
                                                     enabled=self.amp):
             inputs = normalize(images, self.channels_last)
-            if self.trunk is self.eager:
-                return self.trunk(inputs)
             try:
                 return self.trunk(inputs)
             except Exception as exc:  # torch.compile's failures have no common type
+                if self.trunk is self.eager:
+                    raise
                 print(f"[features] torch.compile failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); running eager",
                       flush=True)
@@ -157,7 +157,7 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
             "image_size": list(image_size), "model": config_module.to_dict(model)}
     out_path = Path(out_path)
     batches, settings = trunk_batches(frame, trunk, cfg, image_size)  # lazy: runs below
-    timing = PipelineTiming(fused_decode=not cfg.use_gpu, actors=settings["actors"])
+    timing = PipelineTiming(settings["fused_decode"], settings["actors"])
     started = time.monotonic()
     written, failed = write_features(timing.watch(batches), out_path, meta)
     seconds = time.monotonic() - started
@@ -233,7 +233,7 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
 
     Returns the batches, in the frame's order, each with those columns, `error` ('' or why the
     image could not be decoded) and `features` (the flattened trunk output as `cfg.dtype`), and
-    the pipeline's settings (`actors`, `threads_per_actor`).
+    the pipeline's settings (`actors`, `threads_per_actor`, `compile`, `fused_decode`).
     """
     if not ray.is_initialized():
         ray.init()
@@ -248,9 +248,10 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
     dataset = ray.data.from_pandas([rows.iloc[part] for part in
                                     np.array_split(np.arange(len(rows)), blocks) if len(part)])
     dataset.context.execution_options.preserve_order = True
-    dataset = dataset.map_batches(  # same resources as a CPU actor: fused into it
+    fused_decode = not cfg.use_gpu  # same resources as the actors: Ray Data fuses the two
+    dataset = dataset.map_batches(
         decode_rows, fn_kwargs={"size": tuple(image_size)}, batch_size=cfg.batch_size,
-        batch_format="numpy", num_cpus=1 if cfg.use_gpu else cfg.cpus_per_actor)
+        batch_format="numpy", num_cpus=cfg.cpus_per_actor if fused_decode else 1)
     gpu = {"num_gpus": 1} if cfg.use_gpu else {}
     dataset = dataset.map_batches(
         TrunkRunner, fn_constructor_kwargs={
@@ -260,7 +261,8 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
         batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu)
     return (dataset.iter_batches(batch_size=None, batch_format="numpy"),
-            {"actors": actors, "threads_per_actor": threads, "compile": cfg.compile})
+            {"actors": actors, "threads_per_actor": threads, "compile": cfg.compile,
+             "fused_decode": fused_decode})
 
 
 def write_features(batches, out_path: Path, meta: dict) -> tuple[int, list[dict]]:

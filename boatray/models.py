@@ -15,14 +15,16 @@ adds what the study varies around it:
 
 from __future__ import annotations
 
+import copy
 import functools
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from boatray.errors import BoatrayError
 
@@ -232,6 +234,16 @@ def _cut(model: nn.Module, stage: str) -> tuple[list[str], list[str]]:
                            f"choose one of {', '.join(table[:-1])}")
     index = table.index(stage) + 1
     return table[:index], table[index:]
+
+
+def forward_flops(module: nn.Module, image_size: Sequence[int]) -> int:
+    """FLOPs (2 per multiply-add) of one eval-mode forward pass of `module` on one image,
+    counted by torch's FlopCounterMode on a meta-device copy: no compute, no memory."""
+    meta = copy.deepcopy(module).to("meta").eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        meta(torch.zeros(1, 3, *image_size, device="meta"))
+    return counter.get_total_flops()
 
 
 def trunk(model: nn.Module, upto: str = "pool") -> nn.Sequential:

@@ -40,7 +40,6 @@ The sweep computes every cache its trials need on the driver before the first tr
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -57,7 +56,6 @@ import pandas as pd
 import torch
 from pyarrow import fs
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from boatray import models
 from boatray.config import Experiment
@@ -161,15 +159,9 @@ def prefix_model(exp: Experiment, num_classes: int) -> nn.Module:
 def estimated_speedup(network: nn.Module, stage: str, image_size: Sequence[int]) -> float:
     """How much faster an epoch trains from `stage`'s cached activations, by FLOPs:
     (prefix + 3 x suffix) / (3 x suffix), the suffix's backward counted as twice its forward.
-    Reading the cache is not counted. FLOPs are counted on a meta-device copy (no compute)."""
-    meta = copy.deepcopy(network).to("meta")
-    counts = []
-    for module in (models.trunk(meta, stage), meta):
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            module.eval()(torch.zeros(1, 3, *image_size, device="meta"))
-        counts.append(counter.get_total_flops())
-    prefix, suffix = counts[0], max(counts[1] - counts[0], 1)
+    Reading the cache is not counted."""
+    prefix = models.forward_flops(models.trunk(network, stage), image_size)
+    suffix = max(models.forward_flops(network, image_size) - prefix, 1)
     return (prefix + 3 * suffix) / (3 * suffix)
 
 

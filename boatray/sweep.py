@@ -53,11 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct TCP ports nobody listens on right now (held open together, so they
+    differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def init_ray(address: str = "local", **kwargs) -> None:
@@ -73,7 +78,7 @@ def init_ray(address: str = "local", **kwargs) -> None:
     if address != "local":
         ray.init(address=address, **kwargs)
         return
-    port = free_port()
+    (port,) = free_ports()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", include_dashboard=True, dashboard_port=port, **kwargs)
 

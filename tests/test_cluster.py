@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import pytest
 import yaml
 
 from boatray.errors import BoatrayError
+from boatray.sweep import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -166,17 +166,6 @@ def test_submit_refuses_bad_input_before_submitting(monkeypatch, capsys, tmp_pat
 
 
 # ---------------------------------------------------------------- private Ray instances
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on this machine right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
 
 def processes_of(ray_tmpdir: str) -> list[int]:
     """Every live process that inherited RAY_TMPDIR=ray_tmpdir: one private Ray instance."""
