@@ -7,9 +7,8 @@ fp32, an eager loop), with the ratio and the peak memory of each. Each path runs
 process of its own (`isolated`). Memory is measured three ways, because boatray's work is
 spread over processes: that process's peak RSS (VmHWM), the peak of the summed PSS of that
 process and all its descendants (Ray's raylet, workers and actors included; sampled every
-second: one sample reads every process's smaps_rollup, about 60 ms with Ray's ten processes,
-which sampled more often would slow the Ray paths it measures), and the GPU's peak allocated
-memory where there is a GPU.
+second: one sample reads every process's smaps_rollup, which sampled more often would slow
+the Ray paths it measures), and the GPU's peak allocated memory where there is a GPU.
 """
 
 from __future__ import annotations

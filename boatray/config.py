@@ -154,7 +154,7 @@ class FeaturesConfig:
     dtype: str = _opt("float32", choices=("float32", "float16"))
     amp: bool = True  # bf16 autocast on GPU
     channels_last: bool = True
-    compile: bool = False  # torch.compile (freezing) in each actor: ~2x on CPU, 15-30 s once
+    compile: bool = False  # torch.compile (freezing) per actor: ~30 s once, then faster
 
 
 @dataclass

@@ -90,7 +90,7 @@ class TrunkRunner:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.eager = trunk.to(self.device, memory_format=memory_format).eval()
         # freezing: the weights become constants, so inductor folds BatchNorm into the convs
-        # and prepacks them for oneDNN (inference only: 2x on a CPU in benchmarks/)
+        # and prepacks them for oneDNN (inference only; benchmarks/extraction.py --compile)
         self.trunk = torch.compile(self.eager, options={"freezing": True}) if compile else (
             self.eager)
         self.dtype = np.dtype(dtype)
