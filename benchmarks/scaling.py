@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from boatray import features, models, train
+from boatray.cluster import free_ports
 from boatray.config import FeaturesConfig, ModelConfig, from_dict
 from boatray.data.manifest import read_manifest
-from boatray.sweep import free_ports
 from common import (
     SAMPLE,
     PeakMemory,

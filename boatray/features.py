@@ -43,6 +43,7 @@ from torch import nn
 
 from boatray import config as config_module
 from boatray import models
+from boatray.cluster import start_ray
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
 from boatray.data.images import decode, normalize, to_chw
 from boatray.data.manifest import ensure_manifest, read_manifest
@@ -235,8 +236,7 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
     image could not be decoded) and `features` (the flattened trunk output as `cfg.dtype`), and
     the pipeline's settings (`actors`, `threads_per_actor`, `compile`, `fused_decode`).
     """
-    if not ray.is_initialized():
-        ray.init()
+    start_ray()
     actors = actor_count(cfg)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
     threads = cfg.threads_per_actor or (

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from boatray import config as config_module
 from boatray import predict, train
+from boatray.cluster import start_ray
 from boatray.config import Experiment, TrainConfig, from_dict
 from boatray.errors import BoatrayError, cli
 from boatray.results import write_run
@@ -137,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp = config_module.from_arguments(args)
     approach = "baseline" if args.baseline else "finetune"
     manifest = ensure_manifest(exp)
+    start_ray()
     trained = baseline_experiment(exp) if args.baseline else exp
     run_dir = exp.results_dir / RUNS_DIR / (args.name or default_run_name(trained, approach))
     print(f"{approach}: training {trained.model.name} into {run_dir}", flush=True)

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-import ray
 
 from boatray import config as config_module
 from boatray import features, finetune, report, storage, svm, tuning
+from boatray.cluster import start_ray
 from boatray.config import Experiment
 from boatray.data.manifest import ensure_manifest
 from boatray.errors import BoatrayError, cli
@@ -47,40 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_module.add_arguments(parser)
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted run without repeating finished work")
-    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "local",
-                        help="Ray cluster address (default: RAY_ADDRESS, else a new local "
-                             "instance)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
+                                          "new private local instance)")
     return parser
-
-
-def free_ports(count: int = 1) -> list[int]:
-    """`count` distinct TCP ports nobody listens on right now (held open together, so they
-    differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-def init_ray(address: str = "local", **kwargs) -> None:
-    """Connect to the Ray cluster at `address`, or start a local instance (`local`).
-
-    A local instance gets a dashboard port chosen here and exported as
-    RAY_API_SERVER_ADDRESS before Ray starts, so every Ray process it spawns inherits it:
-    Train V2's placement-group cleaner queries the State API without an address, and with
-    another Ray instance on the same host it would otherwise find none, or the wrong one.
-    """
-    if ray.is_initialized():
-        return
-    if address != "local":
-        ray.init(address=address, **kwargs)
-        return
-    (port,) = free_ports()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", include_dashboard=True, dashboard_port=port, **kwargs)
 
 
 def check_results_dir(exp: Experiment, resume: bool) -> None:
@@ -207,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               "data. Use --config ray_jobs/lab6.yaml --data DIR for the study.", flush=True)
     check_results_dir(exp, args.resume)
     started = time.monotonic()
-    init_ray(args.address)
+    start_ray(args.address)
     manifest = ensure_manifest(exp)
     atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
     failures = run_stages(exp, manifest, args.resume)

@@ -22,8 +22,8 @@ def ray_local():
     """One local Ray instance shared by every test that needs Ray (4 logical CPUs)."""
     import ray
 
-    from boatray.sweep import init_ray
+    from boatray.cluster import start_ray
 
-    init_ray("local", num_cpus=4, num_gpus=0, log_to_driver=False)
+    start_ray("local", num_cpus=4, num_gpus=0, log_to_driver=False)
     yield ray
     ray.shutdown()

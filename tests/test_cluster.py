@@ -32,8 +32,8 @@ import jsonschema
 import pytest
 import yaml
 
+from boatray.cluster import free_ports
 from boatray.errors import BoatrayError
-from boatray.sweep import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
