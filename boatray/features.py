@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from boatray import config as config_module
-from boatray import models, preflight
+from boatray import export, models, preflight
 from boatray.cluster import start_ray
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
 from boatray.data.images import decode, normalize, to_chw
@@ -153,6 +153,7 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
     frame, classes = read_manifest(manifest_path)
     network = models.build(model.name, model.weights, len(classes), model.pooling)
     trunk = models.trunk(network, cfg.stage)
+    export.save_trunk(trunk, out_path)
     shape = output_shape(trunk, image_size)
     meta = {"classes": classes, "shape": list(shape), "stage": cfg.stage, "dtype": cfg.dtype,
             "image_size": list(image_size), "model": config_module.to_dict(model)}

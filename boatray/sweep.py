@@ -26,7 +26,18 @@ from pathlib import Path
 import pandas as pd
 
 from boatray import config as config_module
-from boatray import features, finetune, models, preflight, report, storage, svm, tuning
+from boatray import (
+    console,
+    features,
+    finetune,
+    models,
+    preflight,
+    report,
+    storage,
+    summary,
+    svm,
+    tuning,
+)
 from boatray.cluster import start_ray
 from boatray.config import Experiment
 from boatray.data.manifest import ensure_manifest, read_manifest
@@ -51,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "estimated compute) and exit without training")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
                                           "new private local instance)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's worker and actor output on the console as it comes "
+                             "(by default it goes to files, copied to results/<experiment>/"
+                             "logs/ at the end)")
     return parser
 
 
@@ -127,11 +142,16 @@ def stage_features_svm(exp: Experiment, manifest: Path, resume: bool) -> None:
 
 
 def stage_baseline(exp: Experiment, manifest: Path, resume: bool) -> None:
-    """BetterCNN from scratch through the same Ray Train loop."""
-    run_dir = exp.results_dir / finetune.RUNS_DIR / "baseline-bettercnn"
-    if resume and (run_dir / RUN_JSON).is_file():
-        return
-    finetune.run(finetune.baseline_experiment(exp), manifest, run_dir, approach="baseline")
+    """BetterCNN from scratch through the same Ray Train loop, once per `sweep.repeats` seed
+    (the fine-tunes' seeds), grouped as one configuration in the report."""
+    base = finetune.baseline_experiment(exp)
+    for repeat in range(exp.sweep.repeats):
+        run_dir = exp.results_dir / finetune.RUNS_DIR / f"baseline-bettercnn-r{repeat}"
+        if resume and (run_dir / RUN_JSON).is_file():
+            continue
+        base.train.seed = exp.seed + repeat
+        finetune.run(base, manifest, run_dir, approach="baseline",
+                     record={"config_id": "baseline-bettercnn"})
 
 
 def stage_report(exp: Experiment) -> Path:
@@ -181,15 +201,27 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(exp, args)
     check_results_dir(exp, args.resume)
     started = time.monotonic()
-    start_ray(args.address)
+    start_ray(args.address, log_to_driver=args.verbose)
+    if not args.verbose:
+        print(f"[boatray] Ray's worker output: {exp.results_dir / console.LOGS_DIR} (at the "
+              f"end; live in {console.ray_logs_dir()}; --verbose shows it here)", flush=True)
     run_exp, _ = preflight.check(exp)
     manifest = ensure_manifest(exp)
     atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
-    failures = run_stages(run_exp, manifest, args.resume)
-    report_path = stage_report(run_exp)
+    try:
+        failures = run_stages(run_exp, manifest, args.resume)
+    finally:
+        logs = console.keep_ray_logs(exp.results_dir)
+    try:
+        report_path = stage_report(run_exp)
+    except BoatrayError as exc:
+        report_path = None
+        failures.append(f"report: {exc}")
     storage.mirror_up(exp)
-    print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min; report: "
-          f"{report_path}", flush=True)
+    print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min", flush=True)
+    for line in summary.closing_lines(exp.results_dir, report_path, failures, logs,
+                                      exp.sweep.metric):
+        print(f"[boatray] {line}", flush=True)
     print(f"[boatray] results: {results_location(exp)}", flush=True)
     if failures:
         raise BoatrayError("; ".join(failures))
