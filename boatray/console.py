@@ -1,7 +1,8 @@
 """What the sweep prints: boatray's own lines, Ray's worker output kept in files.
 
 Quiet by default: Ray's workers and actors write to Ray's session log files, not to the
-console (`ray.init(log_to_driver=False)`), and `keep_ray_logs` copies them into
+console (`ray.init(log_to_driver=False)`), Ray's INFO lines in the driver go to its log files
+only (`quiet_driver_logs`), and `keep_ray_logs` copies the session's logs into
 results/<experiment>/logs/ at the end of the run; `--verbose` shows them live, as Ray does.
 `TrialLines` is the Tune callback that prints one compact line per trial epoch and one per
 trial end, with an ETA from the sweep's own pace.
@@ -9,6 +10,7 @@ trial end, with an ETA from the sweep's own pace.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +43,19 @@ def keep_ray_logs(results_dir: Path) -> Path | None:
         if path.is_file() and path.suffix in (".out", ".err", ".log"):
             shutil.copyfile(path, target / path.name)
     return target
+
+
+def quiet_driver_logs() -> None:
+    """Ray's own INFO lines in this (the driver's) process, Ray Data's progress among them, go
+    to Ray's log files only; warnings and errors still reach the console."""
+    import ray.data  # noqa: F401  (configures Ray Data's loggers, which this then quiets)
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.WARNING)
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def duration(seconds: float) -> str:
@@ -81,7 +96,7 @@ class TrialLines(tune.Callback):
     def _name(self, trial) -> str:
         number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
         cfg = trial.config
-        return (f"trial {number}/{self.total} {cfg['freeze']} lr={cfg['lr']:.0e} "
+        return (f"trial {number}/{self.total} {trial.trial_id} {cfg['freeze']} lr={cfg['lr']:.0e} "
                 f"{cfg['scheduler']} r{cfg['repeat']}")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict,

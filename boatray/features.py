@@ -260,7 +260,11 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
             "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype,
             "compile": cfg.compile},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
-        batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu)
+        batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu,
+        # Ray Data keeps an actor pool's constructor in the object store, and Ray logs an
+        # ERROR for every such actor that may restart (ray-project/ray#53727); a lost actor
+        # fails the extraction instead, which --resume repeats
+        max_restarts=0)
     return (dataset.iter_batches(batch_size=None, batch_format="numpy"),
             {"actors": actors, "threads_per_actor": threads, "compile": cfg.compile,
              "fused_decode": fused_decode})

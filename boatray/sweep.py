@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -201,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(exp, args)
     check_results_dir(exp, args.resume)
     started = time.monotonic()
-    start_ray(args.address, log_to_driver=args.verbose)
+    start_ray(args.address, log_to_driver=args.verbose,
+              logging_level=logging.INFO if args.verbose else logging.WARNING)
     if not args.verbose:
+        console.quiet_driver_logs()
         print(f"[boatray] Ray's worker output: {exp.results_dir / console.LOGS_DIR} (at the "
               f"end; live in {console.ray_logs_dir()}; --verbose shows it here)", flush=True)
     run_exp, _ = preflight.check(exp)
