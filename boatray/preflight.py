@@ -25,7 +25,7 @@ class Request:
 
     what: str
     section: str
-    cpu_key: str
+    key: str  # the setting to change where the request cannot be met
     resources: dict[str, float]
 
     @property
@@ -89,8 +89,6 @@ def check_resources(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
     concurrency at what the cluster can hold at once. Returns `exp` and what was changed."""
     for request in requests(exp):
         _check_one(request, capacity)
-    if not exp.sweep.enabled:
-        return exp, []
     worker = worker_resources(exp)
     workers = capacity.slots(worker)
     if workers < exp.train.num_workers:
@@ -98,7 +96,9 @@ def check_resources(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
             f"train.num_workers={exp.train.num_workers}: the cluster holds at most "
             f"{int(workers)} workers of {_shown(worker)} at once: "
             f"--set train.num_workers={max(1, int(workers))}")
-    at_once = workers // exp.train.num_workers
+    if not exp.sweep.enabled:
+        return exp, []
+    at_once = workers // max(1, exp.train.num_workers)
     wanted = exp.sweep.max_concurrent_trials
     if at_once >= wanted:
         return exp, []
@@ -117,15 +117,15 @@ def _check_one(request: Request, capacity: Capacity) -> None:
         return
     custom = [key for key in request.resources if key not in ("CPU", "GPU")]
     if custom:
-        raise BoatrayError(f"{request.cpu_key}={custom[0]}: no node has or can get the resource "
-                           f"{custom[0]!r}: --set {request.cpu_key}=null")
+        raise BoatrayError(f"{request.key}={custom[0]}: no node has or can get the resource "
+                           f"{custom[0]!r}: --set {request.key}=null")
     shapes = [s for s in capacity.shapes() if not request.gpu or s.get("GPU", 0.0) >= 1]
     most = max((s.get("CPU", 0.0) for s in shapes), default=0.0)
     gpu = " with a GPU" if request.gpu else ""
     raise BoatrayError(
-        f"{request.cpu_key}={request.resources['CPU']:g}: no node{gpu} has or can get that many "
+        f"{request.key}={request.resources['CPU']:g}: no node{gpu} has or can get that many "
         f"CPUs for one {request.what} (the largest offers {most:g}): "
-        f"--set {request.cpu_key}={most:g}")
+        f"--set {request.key}={most:g}")
 
 
 def _shown(resources: dict[str, float]) -> str:

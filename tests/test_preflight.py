@@ -112,3 +112,21 @@ def test_readme_real_data_recipe_and_lab6_dry_run_on_a_cpu_machine(mardct_sample
     if done.returncode == 2:
         assert done.stderr.strip().splitlines()[-1].startswith(
             "error: cannot download the IMAGENET1K_V1 weights of resnet50")
+
+
+@pytest.mark.slow
+def test_lab6_runs_on_a_cpu_machine_without_waiting_for_resources(mardct_sample, tmp_path):
+    """lab6.yaml's resource settings as they are (use_gpu auto, CPUs per worker and per actor,
+    4 concurrent trials) on this GPU-less machine. The overrides only shrink the work to fit a
+    test: no internet for the ImageNet weights, small images, one trial of one epoch."""
+    done = run([sys.executable, "-m", "boatray.sweep", "--config",
+                str(REPO / "ray_jobs" / "lab6.yaml"), "--data", str(mardct_sample),
+                "--set", "model.weights=none", "--set", "data.image_size=[60, 200]",
+                "--set", "sweep.freeze=[fc]", "--set", "sweep.lr=[0.001]",
+                "--set", "train.epochs=1", "--set", "baseline.epochs=1"], tmp_path)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    for stuck in ("can fulfill resource request", "WorkerGroupStartupTimeoutError",
+                  "may hang forever"):
+        assert stuck not in log
+    assert (tmp_path / "results" / "lab6" / "report" / "report.html").is_file()
