@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from boatray import config as config_module
-from boatray import export, predict, prefix_cache, preflight, train
+from boatray import console, export, predict, prefix_cache, preflight, train
 from boatray.cluster import start_ray
 from boatray.config import Experiment, TrainConfig, from_dict
 from boatray.errors import BoatrayError, cli
-from boatray.results import write_run
+from boatray.results import read_run, write_run
 
 RUNS_DIR = "runs"
 """Run folders live in results/<experiment>/runs/<run>/."""
@@ -159,7 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"results: {run_dir}", flush=True)
     print(f"{approach}: training {trained.model.name}", flush=True)
     run(trained, manifest, run_dir, approach)
-    print(f"{approach}: wrote predictions.parquet and run.json", flush=True)
+    _, record = read_run(run_dir)
+    unit = f"{'cached activations' if record['trained_on'] != 'images' else 'images'}/s"
+    for epoch in record["history"]:
+        print(f"{approach}: {console.epoch_text(epoch, trained.train.epochs, unit)}, "
+              f"{epoch.get('epoch_seconds', 0):.1f} s", flush=True)
+    print(f"{approach}: wrote predictions.parquet and run.json; model: "
+          f"{export.model_dir(trained.results_dir, run_dir.name)}", flush=True)
     print(f"results: {run_dir}", flush=True)
     return 0
 
