@@ -11,6 +11,7 @@ trial end, with an ETA from the sweep's own pace.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -56,6 +57,9 @@ def quiet_driver_logs() -> None:
             handler.setLevel(logging.WARNING)
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Tune's new output engine prints its config table and a TensorBoard hint (into Ray's
+    # temporary folder) even at verbose=0; its legacy engine prints nothing at verbose=0
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
 
 def duration(seconds: float) -> str:
