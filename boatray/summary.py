@@ -61,7 +61,7 @@ def _outcome(results_dir: Path, report_dir: Path, sweep_metric: str) -> list[str
     winner = contenders[best["configuration"]]
     folder = export.model_dir(results_dir, winner.runs[0].folder.name)
     if (folder / export.SPEC).is_file():
-        images = os.path.commonpath([str(Path(p).parent) for p in winner.test["path"]])
+        images = os.path.commonpath([str(Path(p).parent) for p in winner.tests[0]["path"]])
         lines.append("predict with it: " + shlex.join([
             "python", "-m", "boatray.predict", "--model", str(folder), "--images", images,
             "--out", "predictions.csv"]))
