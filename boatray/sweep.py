@@ -223,6 +223,7 @@ def run(exp: Experiment, resume: bool, address: str | None) -> int:
     failures = run_stages(exp, manifest, resume)
     run_state.write_state(exp.results_dir, "finished", failures=failures)
     report_path = None
+    print("[boatray] report: writing", flush=True)
     try:
         report_path = stage_report(exp)
     except Exception as exc:  # noqa: BLE001 - a failed report loses nothing else
