@@ -229,7 +229,7 @@ def trial_checkpoint(exp: Experiment, path: str):
 
 def trials_table(exp: Experiment, results: tune.ResultGrid) -> pd.DataFrame:
     """One row per trial per epoch: trial_id, the trial's config, status, its last checkpoint,
-    every metric the loop records, and `time_total_s` (the cumulated epoch seconds).
+    every metric the loop records, and `time_total_s` (`_time_total`).
 
     The rows come from the history in each trial's last checkpoint, not from what Tune
     recorded: Tune starts a restored trial's record afresh, the checkpoint holds every epoch.
@@ -248,7 +248,7 @@ def trials_table(exp: Experiment, results: tune.ResultGrid) -> pd.DataFrame:
             history[key] = result.config[key]
         history["status"] = "error" if result.error else "finished"
         history["checkpoint_path"] = path
-        history["time_total_s"] = history["epoch_seconds"].cumsum()
+        history["time_total_s"] = _time_total(result, history)
         frames[trial_id] = history
     if not frames:
         raise BoatrayError("the sweep produced no results: every trial failed before epoch 1")
@@ -256,6 +256,17 @@ def trials_table(exp: Experiment, results: tune.ResultGrid) -> pd.DataFrame:
     first = ["trial_id", "epoch", *CONFIG_KEYS, "status"]
     table = table[first + [c for c in table.columns if c not in first]]
     return table.sort_values(["trial_id", "epoch"]).reset_index(drop=True)
+
+
+def _time_total(result: tune.Result, history: pd.DataFrame) -> pd.Series:
+    """Tune's `time_total_s` at each epoch (start-up included); for epochs Tune no longer
+    records (a restored trial), the cumulated epoch seconds."""
+    reported = result.metrics_dataframe
+    summed = history["epoch_seconds"].cumsum()
+    if reported is None or not {"epoch", "time_total_s"} <= set(reported.columns):
+        return summed
+    by_epoch = reported.drop_duplicates("epoch", keep="last").set_index("epoch")["time_total_s"]
+    return history["epoch"].map(by_epoch).fillna(summed)
 
 
 def _last_checkpoint_path(result: tune.Result) -> str | None:

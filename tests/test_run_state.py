@@ -125,7 +125,7 @@ def test_trials_table_comes_from_the_checkpoints(tmp_path):
     second = _checkpoint(tmp_path / "b" / "checkpoint_epoch_0002", 2)
     results = [
         # restored after epoch 2: Tune's own record holds only epoch 3
-        _result(tmp_path, "a", [{"epoch": 3, "checkpoint_path": first}],
+        _result(tmp_path, "a", [{"epoch": 3, "checkpoint_path": first, "time_total_s": 50.0}],
                 {"trial_id": "a", "checkpoint_path": first}),
         # restored twice under one id: once with its history, once re-reporting its end
         _result(tmp_path, "b", [{"epoch": 2, "checkpoint_path": second}],
@@ -136,5 +136,5 @@ def test_trials_table_comes_from_the_checkpoints(tmp_path):
     table = tuning.trials_table(exp, results)
     assert table.groupby("trial_id")["epoch"].apply(list).to_dict() == {"a": [1, 2, 3],
                                                                        "b": [1, 2]}
-    assert table.loc[table.trial_id == "a", "time_total_s"].tolist() == [2.0, 4.0, 6.0]
+    assert table.loc[table.trial_id == "a", "time_total_s"].tolist() == [2.0, 4.0, 50.0]
     assert set(table.checkpoint_path) == {first, second}
