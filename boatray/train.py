@@ -511,11 +511,10 @@ def check_inputs(exp: Experiment, manifest: str | Path) -> None:
             raise BoatrayError(f"manifest {manifest} has no {split} images (a valid split is "
                                "needed: set data.valid_fraction > 0 or add a valid/ folder)")
     weights = str(exp.model.weights)
-    is_file = "/" in weights or weights.endswith((".pt", ".pth")) or Path(weights).is_file()
-    # a weights file is read here, so a bad one is one line now rather than a failure in every
-    # worker; torchvision weights are left to the workers (no download on the driver)
-    probe = models.build(exp.model.name, weights if is_file else "none", len(classes),
-                         exp.model.pooling)
+    # a weights file (its path made absolute by the config) is read here, so a bad one is one
+    # line now rather than a failure in every worker; torchvision weights are left to them
+    probe = models.build(exp.model.name, weights if Path(weights).is_absolute() else "none",
+                         len(classes), exp.model.pooling)
     models.freeze(probe, freeze_spec_at(exp.train, 0))
 
 

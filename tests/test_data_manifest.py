@@ -72,6 +72,7 @@ def test_stratified_valid_split_rules():
 
 
 def test_ensure_manifest_generates_then_reuses(tmp_path, capsys):
+    # the manifest lands under storage_path: this test's own folder, not the working directory
     overrides = [f"storage_path={tmp_path}", "data.synthetic.classes=2",
                  "data.synthetic.train_per_class=4", "data.synthetic.test_per_class=1",
                  "data.synthetic.image_size=[8, 24]"]
@@ -217,3 +218,14 @@ def test_a_failed_prepare_leaves_no_empty_folder(tmp_path):
     with pytest.raises(BoatrayError, match="no usable training images"):
         prepare(tmp_path / "src", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prepared_folder_is_a_data_source(tree, tmp_path, capsys):
+    prepared = prepare(tree, tmp_path / "prepared")
+    # the experiment's results go to this test's own folder, not the working directory
+    exp = config.load(None, [f"storage_path={tmp_path / 'results'}"], data=str(prepared.parent))
+    used = ensure_manifest(exp)
+    assert used == tmp_path / "results" / "smoke" / "data" / "manifest.parquet"
+    pd.testing.assert_frame_equal(read_manifest(used)[0], read_manifest(prepared)[0])
+    assert f"the manifest prepared in {prepared.parent}, as prepared" in capsys.readouterr().out
+    assert ensure_manifest(exp) == used  # reused while the prepared manifest is unchanged
