@@ -147,10 +147,10 @@ def start_sweep(storage: Path, log_path: Path, *overrides: str,
 
 
 def wait_for(process: subprocess.Popen, log_path: Path, reached, what: str) -> None:
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while not reached():
         assert process.poll() is None, f"ended before {what}:\n" + log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"no {what} in 10 minutes"
+        assert time.monotonic() < deadline, f"no {what} in 15 minutes"
         time.sleep(0.2)
 
 
