@@ -23,7 +23,8 @@ def build(study: Study, resamples: int, seed: int) -> list[Section]:
     """Every section the data in `study` supports, then what is missing, config and environment."""
     headline = tables.headline(study, resamples, seed)
     significance = tables.significance(study)
-    sections = [synthetic_banner(study),
+    sections = [status_section(study),
+                synthetic_banner(study),
                 summary(study, headline, significance),
                 headline_section(study, headline, resamples, seed),
                 cost_section(study),
@@ -51,6 +52,27 @@ def synthetic_banner(study: Study) -> Section | None:
         "The images of this run were GENERATED (data.source is null: boatray's synthetic "
         "boat shapes). Its scores test the pipeline and say nothing about real boats. Run "
         "with --config ray_jobs/lab6.yaml --data DIR for the study."])
+
+
+def status_section(study: Study) -> Section | None:
+    """First, when the run did not finish or a stage failed: what this report is not."""
+    state = study.state or {}
+    status = state.get("status")
+    partial = "What follows is partial: it is not the study."
+    if status == "interrupted":
+        return Section("This run was interrupted", [
+            f"The run was stopped by {state.get('signal', 'a signal')} before it finished. "
+            f"{partial} Finish it with: {state.get('resume', '--resume')}"])
+    if status == "running":
+        return Section("This run has not finished", [
+            "run_state.json says the run is still running, or its driver was killed. "
+            f"{partial} Finish a killed run with the same command and --resume."])
+    failures = state.get("failures") or []
+    if failures:
+        return Section("Failed stages", [
+            "These stages failed; what they would have produced is missing below:",
+            [str(failure) for failure in failures]])
+    return None
 
 
 def summary(study: Study, headline: pd.DataFrame, significance: pd.DataFrame) -> Section:
