@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from boatray import config as config_module
-from boatray import models, preflight
+from boatray import export, models, preflight
 from boatray.cluster import start_ray
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
 from boatray.data.images import decode, normalize, to_chw
@@ -157,6 +158,7 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
     torch.manual_seed(seed)
     network = models.build(model.name, model.weights, len(classes), model.pooling)
     trunk = models.trunk(network, cfg.stage)
+    export.save_trunk(trunk, out_path)
     shape = output_shape(trunk, image_size)
     meta = {"classes": classes, "shape": list(shape), "stage": cfg.stage, "dtype": cfg.dtype,
             "image_size": list(image_size), "model": config_module.to_dict(model)}
@@ -257,13 +259,19 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
         decode_rows, fn_kwargs={"size": tuple(image_size)}, batch_size=cfg.batch_size,
         batch_format="numpy", num_cpus=cfg.cpus_per_actor if fused_decode else 1)
     gpu = {"num_gpus": 1} if cfg.use_gpu else {}
-    dataset = dataset.map_batches(
-        TrunkRunner, fn_constructor_kwargs={
-            "trunk": [ray.put(trunk)], "use_gpu": cfg.use_gpu, "amp": cfg.amp,
-            "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype,
-            "compile": cfg.compile},
-        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
-        batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu)
+    # Ray Data keeps an actor pool's constructor in the object store, and Ray logs an ERROR
+    # for every such actor that may restart (ray-project/ray#53727): max_restarts=0, so a lost
+    # actor fails the extraction instead (--resume repeats it). Ray 2.60 takes max_restarts
+    # only as a (deprecated) extra remote argument, so its warning is silenced here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        dataset = dataset.map_batches(
+            TrunkRunner, fn_constructor_kwargs={
+                "trunk": [ray.put(trunk)], "use_gpu": cfg.use_gpu, "amp": cfg.amp,
+                "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype,
+                "compile": cfg.compile},
+            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
+            batch_format="numpy", num_cpus=cfg.cpus_per_actor, max_restarts=0, **gpu)
     return (dataset.iter_batches(batch_size=None, batch_format="numpy"),
             {"actors": actors, "threads_per_actor": threads, "compile": cfg.compile,
              "fused_decode": fused_decode})

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from boatray import config as config_module
-from boatray import predict, preflight, train
+from boatray import console, export, predict, prefix_cache, preflight, train
 from boatray.cluster import start_ray
 from boatray.config import Experiment, TrainConfig, from_dict
 from boatray.errors import BoatrayError, cli
-from boatray.results import write_run
+from boatray.results import read_run, write_run
 
 RUNS_DIR = "runs"
 """Run folders live in results/<experiment>/runs/<run>/."""
@@ -58,8 +58,9 @@ def default_run_name(exp: Experiment, approach: str) -> str:
 
 
 def run(exp: Experiment, manifest: str | Path, run_dir: str | Path,
-        approach: str = "finetune") -> Path:
+        approach: str = "finetune", record: dict | None = None) -> Path:
     """Train, predict valid and test with the final checkpoint, write the run folder; return it.
+    `record` adds to the run.json fields (e.g. a `config_id` that groups repeats).
 
     Prediction runs as a Ray task with one training worker's resources (a GPU when training
     used GPUs) wherever the checkpoint storage can be read, not necessarily on the driver.
@@ -70,7 +71,7 @@ def run(exp: Experiment, manifest: str | Path, run_dir: str | Path,
     if result.checkpoint is None:
         raise BoatrayError(f"training run {run_dir} saved no checkpoint")
     return evaluate_and_write(exp, manifest, result.checkpoint, run_dir,
-                              {"approach": approach}, began)
+                              {"approach": approach, **(record or {})}, began)
 
 
 def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_dir: str | Path,
@@ -80,6 +81,7 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
     Prediction runs as a Ray task with one training worker's resources (a GPU when training
     used GPUs) wherever the checkpoint storage can be read, not necessarily on the driver.
     `record` adds to (or overrides) the run.json fields; `began` is when the run started.
+    The checkpoint is also exported as results/<experiment>/models/<run>/ (export.py).
     """
     import ray
 
@@ -89,6 +91,10 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
     predictions, history = ray.get(task.remote(
         checkpoint, str(Path(manifest).resolve()), cfg))
+    with checkpoint.as_directory() as directory:
+        export.export_checkpoint(directory, export.model_dir(exp.results_dir, run_dir.name),
+                                 record.get("approach", "finetune"))
+        cache = train.read_meta(directory).get("prefix_cache")
     write_run(run_dir, predictions, {
         "approach": "finetune", "name": run_dir.name, "config": exp.to_dict(),
         "model": exp.model.name, "freeze": cfg.freeze, "lr": cfg.lr,
@@ -96,8 +102,17 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
         "wall_seconds": time.perf_counter() - began,
         "device_seconds": sum(h["epoch_seconds"] for h in history),
         "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
-        "checkpoint": _uri(checkpoint), "history": history, **record})
+        "checkpoint": _uri(checkpoint), "history": history, **cache_cost(cache), **record})
     return run_dir
+
+
+def cache_cost(cache: str | None) -> dict:
+    """What a run trained on, and the seconds its frozen-prefix cache took to build (charged
+    to every run that used it)."""
+    if cache is None:
+        return {"trained_on": "images"}
+    _, info = prefix_cache.open_cache(cache)
+    return {"trained_on": "cached activations", "prefix_cache_seconds": info["seconds"]}
 
 
 def _evaluate_checkpoint(checkpoint, manifest: str, cfg: TrainConfig):
@@ -144,7 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"results: {run_dir}", flush=True)
     print(f"{approach}: training {trained.model.name}", flush=True)
     run(trained, manifest, run_dir, approach)
-    print(f"{approach}: wrote predictions.parquet and run.json", flush=True)
+    _, record = read_run(run_dir)
+    unit = f"{'cached activations' if record['trained_on'] != 'images' else 'images'}/s"
+    for epoch in record["history"]:
+        print(f"{approach}: {console.epoch_text(epoch, trained.train.epochs, unit)}, "
+              f"{epoch.get('epoch_seconds', 0):.1f} s", flush=True)
+    print(f"{approach}: wrote predictions.parquet and run.json; model: "
+          f"{export.model_dir(trained.results_dir, run_dir.name)}", flush=True)
     print(f"results: {run_dir}", flush=True)
     return 0
 

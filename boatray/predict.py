@@ -1,10 +1,13 @@
-"""Batch prediction with a trained checkpoint: a manifest's splits or a folder of images.
+"""Batch prediction with an exported model or a trained checkpoint: a manifest's splits or a
+folder of images.
 
-`python -m boatray.predict --checkpoint DIR (--manifest FILE | --folder DIR) [--out FILE]`
-writes a predictions table in the common format (results.py): path, split, y_true, y_pred and
-one `proba::<Class>` column per class. The model is rebuilt from the checkpoint folder alone
-(train.load_model), and images go through the one pipeline (data/images.py) at the size the
-model was trained on.
+`python -m boatray.predict (--model DIR | --checkpoint DIR) (--images DIR | --manifest FILE)
+[--out FILE]` writes one row per image: `path`, `split`, `class` (the predicted class name),
+`true_class` (the parent folder's class or the manifest's label; empty when unknown) and one
+probability column per class, named by the class. `--out` ending in .csv writes CSV, in
+.parquet Parquet. `--model` takes any exported model (results/<experiment>/models/<run>/,
+export.py): fine-tune, baseline, SVM or linear probe. Images go through the one pipeline
+(data/images.py) at the size the model was trained on.
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from boatray import train
+from boatray import export, train
 from boatray.data import images
 from boatray.data.imagefiles import Exclusions, is_hidden, is_image_name, keep_intact
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError, cli
-from boatray.results import atomic_write_parquet, classes_of, predictions_frame
+from boatray.results import (
+    atomic_write,
+    atomic_write_parquet,
+    classes_of,
+    predictions_frame,
+    proba_of,
+)
 
 FOLDER_SPLIT = "folder"
 """The `split` of images predicted from a folder (not part of a manifest)."""
@@ -103,26 +112,62 @@ def folder_images(folder: str | Path, exclusions: Exclusions) -> list[Path]:
     return kept
 
 
-def predict_folder(checkpoint: str | Path, folder: str | Path, batch_size: int = 32,
+def open_model(model: str | Path | None = None, checkpoint: str | Path | None = None
+               ) -> export.Model:
+    """An exported model folder (`model`), or the model of a checkpoint folder or URI."""
+    if model is not None:
+        return export.load(model)
+    with local_checkpoint(checkpoint) as directory:
+        network, meta = train.load_model(directory)
+    return export.Model({"classes": meta["classes"], "image_size": meta["image_size"]},
+                        network)
+
+
+def predict_folder(model: export.Model, folder: str | Path, batch_size: int = 32,
                    use_gpu: bool = False, loader_workers: int = 0
                    ) -> tuple[pd.DataFrame, Exclusions]:
-    """Predictions for every image below `folder`, and what was left out.
+    """Predictions (common format, results.py) for every image below `folder`, and what was
+    left out.
 
     `y_true` is the class of the image's parent folder when that is a class name (an
     ImageFolder tree), else -1 (unknown).
     """
-    with local_checkpoint(checkpoint) as directory:
-        model, meta = train.load_model(directory)
-    classes = meta["classes"]
+    classes = model.classes
     exclusions = Exclusions()
     paths = folder_images(folder, exclusions)
     index = {name: i for i, name in enumerate(classes)}
     labels = [index.get(p.parent.name, -1) for p in paths]
-    dataset = images.ImageDataset([str(p) for p in paths], labels, tuple(meta["image_size"]))
-    proba = predict_proba(model, dataset, batch_size=batch_size, device=device_for(use_gpu),
-                          loader_workers=loader_workers)
-    return predictions_frame([str(p) for p in paths], FOLDER_SPLIT, labels, proba,
-                             classes), exclusions
+    dataset = images.ImageDataset([str(p) for p in paths], labels, model.image_size)
+    device = device_for(use_gpu)
+    on_gpu = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers,
+                        pin_memory=on_gpu)
+    outputs, _ = train.outputs(model.network.to(device), loader, device, amp=on_gpu,
+                               channels_last=False)
+    return predictions_frame([str(p) for p in paths], FOLDER_SPLIT, labels,
+                             model.proba(outputs), classes), exclusions
+
+
+def readable(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The predictions table for people: class names instead of indices, probability columns
+    named by class."""
+    classes = classes_of(predictions)
+    names = np.array([*classes, ""], dtype=object)  # index -1 (unknown) -> ""
+    return pd.concat([pd.DataFrame({
+        "path": predictions["path"].to_numpy(), "split": predictions["split"].to_numpy(),
+        "class": names[predictions["y_pred"].to_numpy()],
+        "true_class": names[predictions["y_true"].to_numpy()]}),
+        pd.DataFrame(proba_of(predictions), columns=classes)], axis=1)
+
+
+def write_table(path: str | Path, frame: pd.DataFrame) -> Path:
+    """CSV for a .csv path, Parquet for .parquet, atomically."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    if suffix == ".parquet":
+        return atomic_write_parquet(path, frame)
+    raise BoatrayError(f"--out must end in .csv or .parquet, got {path}")
 
 
 def summary(predictions: pd.DataFrame) -> list[str]:
@@ -143,18 +188,27 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m boatray.predict`."""
     parser = argparse.ArgumentParser(
         prog="python -m boatray.predict",
-        description="Predict images with a trained boatray checkpoint folder.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint folder (holds model.pt and meta.json), a run folder "
-                             "(its latest checkpoint) or a storage URI (s3://...)")
+        description="Predict images with an exported boatray model (results/<experiment>/"
+                    "models/<run>/) or a training checkpoint folder.")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="exported model folder, e.g. results/<experiment>/"
+                                       "models/svm (any approach: fine-tune, baseline, SVM, "
+                                       "probe)")
+    model.add_argument("--checkpoint",
+                       help="checkpoint folder (holds model.pt and meta.json), a run folder "
+                            "(its latest checkpoint) or a storage URI (s3://...)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", help="manifest.parquet (or its folder) to predict")
-    source.add_argument("--folder", help="folder of images (searched recursively)")
+    source.add_argument("--images", "--folder", dest="folder",
+                        help="folder of images (searched recursively; an image's parent folder "
+                             "named like a class gives its true class)")
+    source.add_argument("--manifest", help="manifest.parquet (or its folder) to predict; "
+                                           "needs --checkpoint")
     parser.add_argument("--splits", default="valid,test",
                         help="manifest splits to predict, comma-separated (default valid,test)")
-    parser.add_argument("--out", default="predictions.parquet",
-                        help="predictions table to write (default ./predictions.parquet)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default="predictions.csv",
+                        help="table to write: .csv or .parquet (default ./predictions.csv)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per forward pass (default 32)")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="processes decoding images (default 0: in the main process)")
     parser.add_argument("--gpu", action="store_true", help="predict on the GPU")
@@ -168,15 +222,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1 or args.loader_workers < 0:
         raise BoatrayError("--batch-size must be >= 1 and --loader-workers >= 0")
     if args.manifest:
+        if args.model:
+            raise BoatrayError("--manifest needs --checkpoint; with --model give --images")
         splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
         predictions = predict_checkpoint(args.checkpoint, args.manifest, splits,
                                          args.batch_size, args.gpu, args.loader_workers)
         lines = summary(predictions)
     else:
-        predictions, exclusions = predict_folder(args.checkpoint, args.folder, args.batch_size,
+        model = open_model(args.model, args.checkpoint)
+        predictions, exclusions = predict_folder(model, args.folder, args.batch_size,
                                                  args.gpu, args.loader_workers)
         lines = summary(predictions) + exclusions.lines()
-    out = atomic_write_parquet(args.out, predictions)
+    out = write_table(args.out, readable(predictions))
     print("\n".join([*lines, f"predictions: {out}"]))
     return 0
 

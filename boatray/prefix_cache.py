@@ -183,7 +183,8 @@ def prepare(exp: Experiment, manifest: str | Path) -> str | None:
               f"activations would make an epoch about {speedup:.2f}x faster (by FLOPs), below "
               f"train.cache_min_speedup={exp.train.cache_min_speedup:g}", flush=True)
         return None
-    why += f", about {speedup:,.1f}x fewer FLOPs per epoch"
+    why += (", over 100x fewer FLOPs per epoch" if speedup > 100 else
+            f", about {speedup:.1f}x fewer FLOPs per epoch")
     rows = cached_rows(frame)
     key = cache_key(exp, rows, stage)
     where = location(exp, key)

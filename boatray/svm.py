@@ -36,12 +36,14 @@ from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
 from boatray import config as config_module
-from boatray import features
+from boatray import export, features
 from boatray.config import Experiment, SvmConfig
 from boatray.errors import BoatrayError, cli
 from boatray.results import predictions_frame, write_run
 
 HEADS = ("svm", "probe")
+LABEL_RULE = "the most probable class of the calibrated probabilities"
+"""How both heads label an image, so that labels and log loss describe one prediction."""
 
 
 def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -228,7 +230,9 @@ def full_proba(model: object, x: np.ndarray, n_classes: int) -> np.ndarray:
 
 def fit_head(head: str, x: np.ndarray, frame: pd.DataFrame, classes: list[str], cfg: SvmConfig,
              seed: int) -> tuple[pd.DataFrame, dict]:
-    """Select, fit and predict one head: (predictions table, run record without timings)."""
+    """Select, fit and predict one head: (predictions table, run record without timings, the
+    fitted model). Labels are the calibrated probabilities' argmax (`LABEL_RULE`); the run
+    record keeps how often the head's own `predict` agrees (`own_label_agreement`)."""
     split = frame["split"].to_numpy()
     y = frame["label_idx"].to_numpy()
     train, valid, test = (split == "train"), (split == "valid"), (split == "test")
@@ -248,24 +252,27 @@ def fit_head(head: str, x: np.ndarray, frame: pd.DataFrame, classes: list[str], 
     parts = []
     if valid.any():
         parts.append(predictions_frame(frame["path"][valid], "valid", y[valid],
-                                       full_proba(model, x[valid], len(classes)), classes,
-                                       model.predict(x[valid])))
+                                       full_proba(model, x[valid], len(classes)), classes))
     if test.any():
         if cfg.refit == "train+valid" and valid.any():
             model = make_head(head, params, cfg, seed).fit(x[train | valid], y[train | valid])
         parts.append(predictions_frame(frame["path"][test], "test", y[test],
-                                       full_proba(model, x[test], len(classes)), classes,
-                                       model.predict(x[test])))
+                                       full_proba(model, x[test], len(classes)), classes))
     predictions = pd.concat(parts, ignore_index=True)
+    rows = x[test] if test.any() else x[valid]  # the last model's own rows
     record = {"selected": params, "grid": table, "metric": cfg.metric, "refit": cfg.refit,
-              "valid_score": max((row["valid_score"] for row in table), default=None)}
-    return predictions, record
+              "valid_score": max((row["valid_score"] for row in table), default=None),
+              "label_rule": LABEL_RULE, "own_label_agreement": float(np.mean(
+                  model.classes_[model.predict_proba(rows).argmax(axis=1)]
+                  == model.predict(rows)))}
+    return predictions, record, model
 
 
 def run(features_path: str | Path, out_dir: str | Path, cfg: SvmConfig, seed: int = 0,
-        config: dict | None = None) -> list[Path]:
+        config: dict | None = None, models_dir: str | Path | None = None) -> list[Path]:
     """Fit the SVM (and the probe if `cfg.probe`) on a features file; write their run folders
-    `out_dir/svm` and `out_dir/probe` (predictions.parquet + run.json); return them."""
+    `out_dir/svm` and `out_dir/probe` (predictions.parquet + run.json); return them. With
+    `models_dir`, each fitted head is also exported there with its trunk (export.py)."""
     for gamma in cfg.gamma:
         check_gamma(gamma)
     started = time.monotonic()
@@ -278,7 +285,7 @@ def run(features_path: str | Path, out_dir: str | Path, cfg: SvmConfig, seed: in
     written = []
     for head in HEADS if cfg.probe else HEADS[:1]:
         head_started = time.monotonic()
-        predictions, record = fit_head(head, x, frame, meta["classes"], cfg, seed)
+        predictions, record, model = fit_head(head, x, frame, meta["classes"], cfg, seed)
         fit_seconds = time.monotonic() - head_started
         print(f"[svm] {head}: selected {record['selected']} (valid {cfg.metric} "
               f"{record['valid_score']}), fitted in {fit_seconds:.1f} s", flush=True)
@@ -290,12 +297,18 @@ def run(features_path: str | Path, out_dir: str | Path, cfg: SvmConfig, seed: in
             "device_seconds": extraction + fit_seconds,
             "images_per_second": stats.get("images_per_second"),
             "skipped_images": stats.get("failed", [])}))
+        if models_dir is not None and export.trunk_path(features_path).is_file():
+            export.export_head(head, model, meta, features_path, Path(models_dir) / head)
+        elif models_dir is not None:
+            print(f"[svm] {head}: not exported, {export.trunk_path(features_path)} is missing "
+                  "(features from an older boatray: extract them again)", flush=True)
     return written
 
 
 def run_for(exp: Experiment, features_path: str | Path, runs_dir: str | Path) -> list[Path]:
     """The sweep's features stage, second half: `run` with the experiment's settings."""
-    return run(features_path, runs_dir, exp.svm, exp.seed, exp.to_dict())
+    return run(features_path, runs_dir, exp.svm, exp.seed, exp.to_dict(),
+               exp.results_dir / export.MODELS_DIR)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import shlex
 import shutil
@@ -33,6 +34,7 @@ import pandas as pd
 
 from boatray import config as config_module
 from boatray import (
+    console,
     features,
     finetune,
     interrupt,
@@ -41,6 +43,7 @@ from boatray import (
     report,
     run_state,
     storage,
+    summary,
     svm,
     train,
     tuning,
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "estimated compute) and exit without training")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
                                           "new private local instance)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's worker and actor output on the console as it comes "
+                             "(by default it goes to files, copied to results/<experiment>/"
+                             "logs/ at the end)")
     return parser
 
 
@@ -151,11 +158,16 @@ def stage_features_svm(exp: Experiment, manifest: Path, resume: bool) -> None:
 
 
 def stage_baseline(exp: Experiment, manifest: Path, resume: bool) -> None:
-    """BetterCNN from scratch through the same Ray Train loop."""
-    run_dir = exp.results_dir / finetune.RUNS_DIR / "baseline-bettercnn"
-    if resume and (run_dir / RUN_JSON).is_file():
-        return
-    finetune.run(finetune.baseline_experiment(exp), manifest, run_dir, approach="baseline")
+    """BetterCNN from scratch through the same Ray Train loop, once per `sweep.repeats` seed
+    (the fine-tunes' seeds), grouped as one configuration in the report."""
+    base = finetune.baseline_experiment(exp)
+    for repeat in range(exp.sweep.repeats):
+        run_dir = exp.results_dir / finetune.RUNS_DIR / f"baseline-bettercnn-r{repeat}"
+        if resume and (run_dir / RUN_JSON).is_file():
+            continue
+        base.train.seed = exp.seed + repeat
+        finetune.run(base, manifest, run_dir, approach="baseline",
+                     record={"config_id": "baseline-bettercnn"})
 
 
 def _cause(exc: Exception, exp: Experiment, title: str) -> str:
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupt.install()
     try:
         with run_state.RunLock(exp.results_dir):
-            return run(exp, args.resume, args.address)
+            return run(exp, args.resume, args.address, args.verbose)
     except interrupt.Interrupted as stop:
         given = sys.argv[1:] if argv is None else argv
         resume = shlex.join(["python", "-m", "boatray.sweep", *given,
@@ -231,16 +243,24 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_code
 
 
-def run(exp: Experiment, resume: bool, address: str | None) -> int:
+def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = False) -> int:
     """The study in a results folder this process holds; 2 when a stage failed."""
     check_results_dir(exp, resume)
     started = time.monotonic()
-    start_ray(address)
+    start_ray(address, log_to_driver=verbose,
+              logging_level=logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        console.quiet_driver_logs()
+        print(f"[boatray] Ray's worker output: {exp.results_dir / console.LOGS_DIR} (at the "
+              f"end; live in {console.ray_logs_dir()}; --verbose shows it here)", flush=True)
     run_exp, _ = preflight.check(exp)
     manifest = ensure_manifest(exp)
     atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
     run_state.write_state(exp.results_dir, "running")
-    failures = run_stages(run_exp, manifest, resume)
+    try:
+        failures = run_stages(run_exp, manifest, resume)
+    finally:
+        logs = console.keep_ray_logs(exp.results_dir)
     run_state.write_state(exp.results_dir, "finished", failures=failures)
     report_path = None
     print("[boatray] report: writing", flush=True)
@@ -252,8 +272,11 @@ def run(exp: Experiment, resume: bool, address: str | None) -> int:
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr, flush=True)
     print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min"
-          + (f", {len(failures)} failed (above)" if failures else "")
-          + (f"; report: {report_path}" if report_path else "; no report"), flush=True)
+          + (f", {len(failures)} failed (above; Ray's worker logs: {logs})" if failures else ""),
+          flush=True)
+    for line in summary.closing_lines(exp.results_dir, report_path, [], logs,
+                                      exp.sweep.metric):
+        print(f"[boatray] {line}", flush=True)
     print(f"[boatray] results: {results_location(exp)}", flush=True)
     return 2 if failures else 0
 

@@ -12,7 +12,7 @@ its location, so no two trials compute the same cache and a trial only reads it.
 from __future__ import annotations
 
 import json
-import time
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from boatray import interrupt, prefix_cache, train
+from boatray import console, interrupt, prefix_cache, train
 from boatray.config import Experiment, from_dict
 from boatray.errors import BoatrayError
 from boatray.results import atomic_write_parquet
@@ -129,43 +129,9 @@ def _logger_callbacks(exp: Experiment) -> list:
             from ray.air.integrations.mlflow import MLflowLoggerCallback
         except ImportError:
             raise BoatrayError("sweep.mlflow=true needs mlflow: pip install mlflow") from None
-        callbacks.append(MLflowLoggerCallback(experiment_name=exp.name))
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or (exp.results_dir / "mlruns").as_uri()
+        callbacks.append(MLflowLoggerCallback(tracking_uri=tracking, experiment_name=exp.name))
     return callbacks
-
-
-class ProgressCallback(tune.Callback):
-    """A line per finished trial with its metric, counts of done/running/pending, elapsed, ETA."""
-
-    def __init__(self, metric: str, epochs: int, concurrency: int) -> None:
-        self.metric, self.epochs, self.concurrency = metric, epochs, concurrency
-        self.start = time.monotonic()
-        self.durations: list[float] = []
-
-    def _line(self, trials: list, trial, what: str) -> None:
-        elapsed = time.monotonic() - self.start
-        states = ["TERMINATED" if t is trial else t.status for t in trials]
-        done = sum(s in ("TERMINATED", "ERROR") for s in states)
-        running = states.count("RUNNING")
-        pending = states.count("PENDING")
-        result = trial.last_result or {}
-        self.durations.append(float(result.get("time_total_s", 0.0)))
-        mean = sum(self.durations) / len(self.durations)
-        eta = mean * (running / 2 + pending) / max(1, min(self.concurrency, running + pending))
-        cfg = trial.config
-        value = result.get(self.metric)
-        shown = f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else "no metric"
-        epoch = result.get("epoch", 0)
-        early = " (stopped early by ASHA)" if what == "finished" and epoch < self.epochs else ""
-        print(f"[sweep {elapsed / 60:5.1f} min] trial {trial.trial_id} freeze={cfg['freeze']} "
-              f"lr={cfg['lr']:.2g} sched={cfg['scheduler']} repeat={cfg['repeat']} {what} after "
-              f"{epoch} epoch(s): {shown}{early} | done {done}, running {running}, "
-              f"pending {pending}, about {eta / 60:.1f} min left", flush=True)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._line(trials, trial, "finished")
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._line(trials, trial, "FAILED")
 
 
 class GracefulStop(tune.Callback):
@@ -184,10 +150,10 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
     if restore and not resume:
         raise BoatrayError(f"{tune_path} holds an earlier sweep: pass --resume to finish it, "
                            f"or give this experiment a new name (--set name=...)")
+    caches = sweep_caches(exp, manifest)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiment=exp.to_dict(), manifest=str(manifest),
-                             train_storage=f"{root}/{TRAIN_DIR}",
-                             caches=sweep_caches(exp, manifest)),
+                             train_storage=f"{root}/{TRAIN_DIR}", caches=caches),
         trial_resources(exp))
     if restore:
         print(f"[sweep] resuming {tune_path}", flush=True)
@@ -205,11 +171,22 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=root, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[ProgressCallback(exp.sweep.metric, exp.train.epochs, concurrency),
-                           GracefulStop(), *_logger_callbacks(exp)]))
+                callbacks=[console.TrialLines(
+                    trial_count(exp), exp.train.epochs, exp.sweep.metric,
+                    {(f, int(r)) for f, r in (slot.split("/") for slot, cache in caches.items()
+                                              if cache)}),
+                    GracefulStop(), *_logger_callbacks(exp)]))
     results = tuner.fit()
     interrupt.after_tune()
     return results
+
+
+def trial_count(exp: Experiment) -> int:
+    """How many trials the sweep runs: the grid's points, or the samples (x repeats)."""
+    if exp.sweep.search == "grid":
+        return (len(exp.sweep.freeze) * len(exp.sweep.lr) * len(exp.sweep.scheduler)
+                * exp.sweep.repeats)
+    return exp.sweep.num_samples * (exp.sweep.repeats if exp.sweep.search == "random" else 1)
 
 
 def _trial_dirname(trial) -> str:

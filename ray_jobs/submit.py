@@ -17,11 +17,15 @@ jobs (metadata.boatray.overrides: the shared storage_path) come before the user'
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -133,16 +137,60 @@ def main(argv: list[str] | None = None) -> int:
     overrides = experiment_overrides(args)
     sweep_args = sweep_arguments(args, overrides)
     exp = config_module.from_arguments(args, overrides, base=config_module.JOB_RESULTS_BASE)
+    refuse_placeholders({"storage_path": exp.storage_path, "data.source": exp.data.source,
+                         **dict(item.split("=", 1) for item in overrides if "=" in item)})
     submission_id = args.submission_id or f"boatray-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = submit_command(sweep_args, submission_id, args.address, args.no_wait)
     print(f"[submit] results: {results_location(exp)}", flush=True)
     print(f"[submit] {shlex.join(command)}", flush=True)
+    check_job_server(job_server(args.address))
     code = subprocess.run(command, cwd=REPO, check=False).returncode
+    if code != 0:
+        print(f"[submit] ray job submit failed (exit code {code}); see its output above",
+              flush=True)
+        return code
     where = f" --address {args.address}" if args.address else ""
     for verb in ("logs", "status", "stop"):
         print(f"[submit] {verb}: ray job {verb} {submission_id}{where}", flush=True)
     print(f"[submit] results: {results_location(exp)}", flush=True)
     return code
+
+
+PLACEHOLDER = re.compile(r"YOUR[-_][A-Z]")
+"""How the example configs mark a value the user must fill in (s3://YOUR-BUCKET)."""
+
+
+def refuse_placeholders(values: dict[str, str]) -> None:
+    """One line naming the first value still holding an example placeholder."""
+    for name, value in values.items():
+        if value and PLACEHOLDER.search(value):
+            raise BoatrayError(f"{name} is still the example placeholder {value!r}: put your "
+                               "own bucket or folder there (cluster.yaml's "
+                               "metadata.boatray.overrides, or --set storage_path=...)")
+
+
+def job_server(address: str | None) -> str:
+    """The job server `ray job submit` will use: --address, else RAY_API_SERVER_ADDRESS or
+    RAY_ADDRESS, else Ray's default http://127.0.0.1:8265."""
+    return (address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+            or "http://127.0.0.1:8265")
+
+
+def check_job_server(address: str) -> None:
+    """One line when an http(s) job server does not answer (other addresses: Ray's own
+    client decides)."""
+    if not address.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{address.rstrip('/')}/api/version", timeout=10):
+            return
+    except urllib.error.HTTPError:
+        return  # something answered: let Ray's client talk to it
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise BoatrayError(f"cannot reach the Ray job server at {address} ({reason}): start "
+                           "the cluster (ray up cluster.yaml) and forward its dashboard port "
+                           "(ray dashboard cluster.yaml), or pass --address") from None
 
 
 if __name__ == "__main__":

@@ -170,6 +170,19 @@ def test_submit_refuses_bad_input_before_submitting(monkeypatch, capsys, tmp_pat
         submit.cluster_overrides(RUNTIME_ENV)
 
 
+def test_submit_refuses_placeholders_and_an_unreachable_server_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(submit.subprocess, "run", lambda *a, **k: pytest.fail("submitted"))
+    assert submit.main(["--cluster", str(CLUSTER_YAML)]) == 2  # its unedited s3://YOUR-BUCKET
+    err = capsys.readouterr().err
+    assert "storage_path is still the example placeholder" in err and err.count("\n") == 1
+    (port,) = free_ports()  # nobody listens there
+    assert submit.main(["--set", "storage_path=/shared", "--address",
+                        f"http://127.0.0.1:{port}"]) == 2
+    captured = capsys.readouterr()
+    assert "cannot reach the Ray job server" in captured.err and captured.err.count("\n") == 1
+    assert "[submit] logs:" not in captured.out
+
+
 # ---------------------------------------------------------------- private Ray instances
 
 def processes_of(ray_tmpdir: str) -> list[int]:

@@ -158,9 +158,11 @@ def test_predict_cli_on_a_folder_matches_the_run_predictions(baseline_run, tree,
     assert sorted(folder.index) == sorted(str(Path(p).resolve()) for p in test.index)
     folder.index = [str(Path(p).resolve()) for p in folder.index]
     folder = folder.loc[test.index]
-    assert (folder.y_true.to_numpy() == test.y_true.to_numpy()).all()  # from the folder names
-    assert (folder.y_pred.to_numpy() == test.y_pred.to_numpy()).all()
-    assert np.allclose(proba_of(folder), proba_of(test), atol=1e-6)
+    classes = run["classes"]
+    names = np.array(classes)
+    assert (folder.true_class.to_numpy() == names[test.y_true]).all()  # from the folder names
+    assert (folder["class"].to_numpy() == names[test.y_pred]).all()
+    assert np.allclose(folder[classes].to_numpy(), proba_of(test), atol=1e-6)
 
     by_uri = predict.predict_checkpoint(  # a storage URI, as on a cluster's shared storage
         "file://" + run["checkpoint"], Path(run["config"]["storage_path"]) / "tiny" / "data",

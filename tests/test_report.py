@@ -249,6 +249,30 @@ def test_html_renders_in_headless_chromium(full_report: Path, tmp_path: Path) ->
     assert screenshot.stat().st_size > 50_000  # a rendered page, not a blank one
 
 
+def test_report_tells_the_truth_at_the_top(full_report: Path) -> None:
+    out = full_report / "report"
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert md.index("## SYNTHETIC DATA") < md.index("## Summary")  # data.source is null
+    assert "(CSV: [tables/cost.csv](tables/cost.csv))" in md
+    assert '<a href="tables/headline.csv">' in page and '<div class="scroll"><table>' in page
+    cost = pd.read_csv(out / "tables" / "cost.csv").set_index("configuration")
+    assert (cost["total_seconds"] >= cost["wall_seconds"]).all()
+    assert set(cost["rate_counts"]) >= {"images through the trunk (extraction)",
+                                        "images through the network (training)"}
+
+
+def test_the_closing_summary_names_the_winner_and_the_report(full_report: Path) -> None:
+    from boatray.summary import closing_lines
+
+    html = full_report / "report" / "report.html"
+    lines = closing_lines(full_report, html, ["features + SVM: no features"], Path("/logs"))
+    text = "\n".join(lines)
+    assert lines[0].startswith("winner: ") and "95% CI" in lines[0]
+    assert "McNemar p = " in text and "fastest: " in text
+    assert f"report: {html.resolve().as_uri()}" in lines
+    assert lines[-1] == "FAILED features + SVM: no features (Ray's worker logs: /logs)"
+
+
 def test_bad_run_folders_are_left_out_with_a_note(tmp_path: Path, capsys) -> None:
     root = write_study(tmp_path / "bad", runs=("svm", "baseline", "probe"), sweep=False)
     (root / "probe" / RUN_JSON).write_text("[]")

@@ -107,7 +107,12 @@ def test_refit_on_train_predicts_valid_and_test_with_one_model(tmp_path, feature
     x, frame = features.read_features(features_file)
     train = frame.split == "train"
     model = svm.RbfSvm(1.0, "scale").fit(x[train], frame.label_idx[train])
-    np.testing.assert_array_equal(predictions.y_pred, model.predict(x[~train]))
+    proba = model.predict_proba(x[~train])
+    np.testing.assert_array_equal(predictions.y_pred, model.classes_[proba.argmax(axis=1)])
+    assert record["label_rule"] == svm.LABEL_RULE
+    agree = np.mean(model.predict(x[~train][frame.split[~train] == "test"])
+                    == predictions.y_pred[predictions.split == "test"])
+    assert record["own_label_agreement"] == pytest.approx(agree)
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, features_file):

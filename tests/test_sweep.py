@@ -87,8 +87,10 @@ def test_smoke_trials_table_has_every_trial(smoke_run):
     for column in ("epoch", "valid_loss", "valid_macro_f1", "train_loss", "epoch_seconds"):
         assert column in trials.columns
     assert not trials.duplicated(["trial_id", "epoch"]).any()
-    assert log.count(" finished after ") == 4
-    assert "done 4, running 0, pending 0" in log
+    assert log.count(" done after ") == 4
+    assert "4/4 trials ended" in log
+    epochs = [line for line in log.splitlines() if " epoch " in line and "valid macro-F1" in line]
+    assert len(epochs) == trials.groupby("trial_id")["epoch"].max().sum()  # one per epoch
 
 
 def test_smoke_writes_every_approach_and_the_report(smoke_run):
@@ -107,6 +109,49 @@ def test_smoke_writes_every_approach_and_the_report(smoke_run):
     assert (results / "report" / "report.html").is_file()
     for approach in ("svm", "baseline", "finetune"):
         assert approach in report.lower()
+
+
+def test_smoke_console_is_quiet_and_ends_with_a_summary(smoke_run):
+    results, log = smoke_run
+    lines = log.splitlines()
+    assert len(lines) <= 100, log
+    assert not [line for line in lines if line.startswith("(") or " ERROR " in line], log
+    assert f"[boatray] Ray's worker output: {results / 'logs'}" in log
+    assert list((results / "logs").glob("worker-*.out"))
+    summary = log[log.index("[boatray] done in "):]
+    for what in ("winner: ", "95% CI", "McNemar p = ", "fastest: ",
+                 f"report: {(results / 'report' / 'report.html').as_uri()}",
+                 "predict with it: python -m boatray.predict --model "):
+        assert what in summary, summary
+
+
+def test_smoke_report_says_the_data_are_synthetic(smoke_run):
+    results, _ = smoke_run
+    report = (results / "report" / "report.md").read_text()
+    assert report.index("SYNTHETIC DATA") < report.index("## Summary")
+
+
+def test_every_approach_exports_a_model_that_predicts_a_folder(smoke_run, tmp_path):
+    results, _ = smoke_run
+    folders = {path.name: path for path in (results / "models").iterdir()}
+    assert {"svm", "probe"} <= set(folders)
+    assert any(name.startswith("baseline-bettercnn-r") for name in folders)
+    images = results / "data" / "synthetic" / "test"
+    for path in find_runs(results):
+        predictions, run = read_run(path)
+        out = tmp_path / f"{path.name}.csv"
+        done = subprocess.run([sys.executable, "-m", "boatray.predict", "--model",
+                               str(folders[path.name]), "--images", str(images), "--out",
+                               str(out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        table = pd.read_csv(out).set_index("path")
+        test = predictions[predictions.split == "test"].set_index("path")
+        table.index = [str(Path(p).resolve()) for p in table.index]
+        table = table.loc[[str(Path(p).resolve()) for p in test.index]]
+        names = pd.Series(run["classes"])
+        assert (table["class"].to_numpy() == names[test.y_pred].to_numpy()).all(), path.name
+        assert abs(table[run["classes"]].to_numpy()
+                   - test[[PROBA_PREFIX + c for c in run["classes"]]].to_numpy()).max() < 1e-3
 
 
 def test_existing_results_need_resume(smoke_run):
@@ -180,7 +225,7 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
 
     points = [("the cache build", lambda: log_has("[cache] freeze=fc seed=0: computing")()),
               ("a trial's first epoch", mid_trial),
-              ("a finished trial", lambda: log_has(" finished after ")()),
+              ("a finished trial", lambda: log_has(" done after ")()),
               ("the features stage", lambda: log_has("[boatray] features + SVM: starting")()),
               ("the report", lambda: log_has("[boatray] report: writing")())]
     finished_before = set()
@@ -195,8 +240,8 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
     last = subprocess.run([*sweep_command(tmp_path / "killed", *SMALL_SWEEP), "--resume"],
                           env=user_env(), capture_output=True, text=True, timeout=900)
     assert last.returncode == 0, (last.stdout + last.stderr)[-5000:]
-    rerun = {line.split(" trial ")[1].split()[0]
-             for line in last.stdout.splitlines() if " finished after " in line}
+    rerun = {line.split(" trial ")[1].split()[1]  # trial N/M <trial id> ...
+             for line in last.stdout.splitlines() if " done after " in line}
     assert not finished_before & rerun
     killed = assert_complete_histories(results, trials=2, epochs=2)
     assert "## This run" not in (results / "report" / "report.md").read_text()
@@ -230,7 +275,7 @@ def test_sigint_stops_cleanly_and_resume_finishes(tmp_path):
     results = tmp_path / "smoke"
     log_path = tmp_path / "first.log"
     first = start_sweep(tmp_path, log_path, "features.enabled=false")
-    wait_for(first, log_path, lambda: " finished after " in log_path.read_text(),
+    wait_for(first, log_path, lambda: " done after " in log_path.read_text(),
              "finished trial")
     stopped = time.monotonic()
     first.send_signal(signal.SIGINT)

@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Prepare boatray's data.")
     verbs = parser.add_subparsers(dest="verb", required=True)
     prepare = verbs.add_parser(
-        "prepare", help="write manifest.parquet from raw MarDCT (folders or zips) or an "
+        "prepare", description="Write manifest.parquet from raw MarDCT (folders or zips) or an "
+                               "ImageFolder tree, and print the per-class counts.",
+        help="write manifest.parquet from raw MarDCT (folders or zips) or an "
                         "ImageFolder tree, and print the per-class counts")
     prepare.add_argument("--source", required=True,
                          help="raw MarDCT folder (sc5/ + test folder, or their zips), an "
@@ -34,17 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
                               "there is no valid/ folder (default 0.15)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     generated = verbs.add_parser(
-        "synthetic", help="write a generated ImageFolder tree (boat-like shapes on water)")
+        "synthetic", description="Write a generated ImageFolder tree (boat-like shapes on "
+                                 "water, learnable classes) for tests and smoke runs.",
+        help="write a generated ImageFolder tree (boat-like shapes on water)")
     generated.add_argument("--out", required=True, help="output folder")
     defaults = SyntheticConfig()
-    generated.add_argument("--classes", type=int, default=defaults.classes)
-    generated.add_argument("--train-per-class", type=int, default=defaults.train_per_class)
-    generated.add_argument("--test-per-class", type=int, default=defaults.test_per_class)
+    generated.add_argument("--classes", type=int, default=defaults.classes,
+                           help=f"number of classes (default {defaults.classes})")
+    generated.add_argument("--train-per-class", type=int, default=defaults.train_per_class,
+                           help="training images of the largest class (default "
+                                f"{defaults.train_per_class})")
+    generated.add_argument("--test-per-class", type=int, default=defaults.test_per_class,
+                           help="test images of the largest class (default "
+                                f"{defaults.test_per_class})")
     generated.add_argument("--size", type=int, nargs=2, default=list(defaults.image_size),
-                           metavar=("HEIGHT", "WIDTH"))
+                           metavar=("HEIGHT", "WIDTH"),
+                           help="image size in pixels (default "
+                                f"{' '.join(map(str, defaults.image_size))})")
     generated.add_argument("--imbalance", type=float, default=defaults.imbalance,
-                           help="largest class / smallest class")
-    generated.add_argument("--seed", type=int, default=0)
+                           help="largest class / smallest class (default "
+                                f"{defaults.imbalance:g})")
+    generated.add_argument("--seed", type=int, default=0,
+                           help="seed of the generated images (default 0)")
     return parser
 
 

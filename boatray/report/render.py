@@ -87,7 +87,7 @@ def markdown(title: str, sections: list[Section]) -> str:
             elif isinstance(block, Table):
                 if block.shown is not None:
                     lines += [_markdown_table(block.shown), ""]
-                lines += [f"(CSV: `tables/{block.name}.csv`)", ""]
+                lines += [f"(CSV: [tables/{block.name}.csv](tables/{block.name}.csv))", ""]
             elif isinstance(block, Plot):
                 lines += [f"![{block.caption}](figures/{block.name}.png)", "",
                           f"*{block.caption}*", ""]
@@ -120,6 +120,7 @@ figcaption { font-size: 0.9em; color: #555; }
 pre { background: #f4f4f4; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 nav ul { columns: 2; }
 .csv { font-size: 0.8em; color: #777; }
+.scroll { overflow-x: auto; max-width: 100%; }
 """
 
 
@@ -141,7 +142,8 @@ def html_page(title: str, sections: list[Section]) -> str:
             elif isinstance(block, Table):
                 if block.shown is not None:
                     parts.append(_html_table(block.shown))
-                parts.append(f'<p class="csv">CSV: tables/{esc(block.name)}.csv</p>')
+                parts.append(f'<p class="csv">CSV: <a href="tables/{esc(block.name)}.csv">'
+                             f'tables/{esc(block.name)}.csv</a></p>')
             elif isinstance(block, Plot):
                 data = base64.b64encode(block.png).decode("ascii")
                 parts.append(f'<figure><img alt="{esc(block.caption)}" '
@@ -167,7 +169,8 @@ def _html_table(frame: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     body = "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            "</table></div>")
 
 
 def write(out_dir: Path, title: str, sections: list[Section]) -> Path:

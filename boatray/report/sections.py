@@ -12,6 +12,7 @@ from boatray.report.render import Code, Plot, Section, Table, format_frame
 from boatray.report.study import TRIALS, Study
 
 FORMATS = {"train_seconds": "{:.1f}", "wall_seconds": "{:.1f}", "device_seconds": "{:.1f}",
+           "total_seconds": "{:.1f}", "prefix_cache_seconds": "{:.1f}",
            "extraction_seconds": "{:.1f}", "fit_seconds": "{:.1f}",
            "images_per_second": "{:.1f}", "epoch_seconds": "{:.1f}", "epochs": "{:.0f}",
            "speedup": "{:.1f}x", "p_value": "{:.3g}", "n": "{:.0f}", "only_a_right": "{:.0f}",
@@ -23,6 +24,7 @@ def build(study: Study, resamples: int, seed: int) -> list[Section]:
     headline = tables.headline(study, resamples, seed)
     significance = tables.significance(study)
     sections = [status_section(study),
+                synthetic_banner(study),
                 summary(study, headline, significance),
                 headline_section(study, headline, resamples, seed),
                 cost_section(study),
@@ -39,6 +41,17 @@ def build(study: Study, resamples: int, seed: int) -> list[Section]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def synthetic_banner(study: Study) -> Section | None:
+    """A warning first of all when the images were generated (data.source null)."""
+    data = study.config.get("data")
+    if not isinstance(data, dict) or data.get("source") is not None:
+        return None
+    return Section("SYNTHETIC DATA: these are not MarDCT results", [
+        "The images of this run were GENERATED (data.source is null: boatray's synthetic "
+        "boat shapes). Its scores test the pipeline and say nothing about real boats. Run "
+        "with --config ray_jobs/lab6.yaml --data DIR for the study."])
 
 
 def status_section(study: Study) -> Section | None:
@@ -86,6 +99,7 @@ def summary(study: Study, headline: pd.DataFrame, significance: pd.DataFrame) ->
         pairs = pairs.assign(score=[ranked[a] + ranked[b] for a, b in zip(pairs["a"], pairs["b"])])
         lines.append("Is the gap between the two best real? "
                      + pairs.loc[pairs["score"].idxmax(), "meaning"])
+    lines += tables.edge_notes(study) + tables.label_rule_notes(study)
     if study.missing:
         lines.append(f"Not in this results folder: {', '.join(study.missing)}.")
     return Section("Summary", [lines])
@@ -109,8 +123,10 @@ def headline_section(study: Study, headline: pd.DataFrame, resamples: int, seed:
     blocks = [
         ("Scores on the test split only. For a configuration run with several seeds each score "
          "is the mean over its seeds. Intervals: percentile bootstrap over the test images "
-         f"({resamples} resamples, seed {seed}). Train time is run.json's wall_seconds; speed-up "
-         "is the slowest train time divided by this one."),
+         f"({resamples} resamples, seed {seed}). Train time counts everything the approach "
+         "needed (the cost table's total_seconds: a fine-tune's frozen-prefix cache build "
+         "included); speed-up is the slowest train time divided by this one; images/s counts "
+         "what the cost table's rate_counts says."),
         Table("headline", headline, shown)]
     empty = _classes_without_test_images(study)
     if empty:
@@ -129,10 +145,15 @@ def cost_section(study: Study) -> Section:
     cost = tables.cost(study)
     shown = cost.dropna(axis=1, how="all").drop(columns="approach")
     return Section("Cost: where the time went", [
-        ("Seconds from run.json (mean over seeds): wall_seconds is the whole run, device_seconds "
-         "the time on the accelerator, extraction_seconds and fit_seconds the feature extraction "
-         "and classifier fit of the SVM and probe; images/s is the training (or extraction) "
-         "throughput; epochs is the length of the run's history."),
+        ("Seconds from run.json (mean over seeds). total_seconds counts everything the "
+         "approach needed: wall_seconds (the whole run; for the SVM and probe it includes "
+         "their feature extraction, extraction_seconds, and classifier fit, fit_seconds) plus "
+         "prefix_cache_seconds, the frozen-prefix cache a fine-tune trained from (charged in "
+         "full to every run that used it, though runs with the same freeze spec share it). "
+         "device_seconds, the time on an accelerator, appears only for runs that had one. "
+         "images_per_second counts what rate_counts says: images through the network, or "
+         "cached activations, which skip the frozen layers and are not comparable with "
+         "images. epochs is the length of the run's history."),
         Table("cost", cost, format_frame(shown, FORMATS))])
 
 

@@ -17,14 +17,34 @@ from boatray.results import classes_of
 SIGNIFICANCE = 0.05
 SWEEP_METRICS = ("valid_macro_f1", "valid_accuracy", "valid_loss")
 SWEEP_KEYS = ("freeze", "lr", "scheduler")
-TIMINGS = ("wall_seconds", "device_seconds", "extraction_seconds", "fit_seconds",
-           "images_per_second")
+TIMINGS = ("wall_seconds", "prefix_cache_seconds", "extraction_seconds", "fit_seconds",
+           "device_seconds", "images_per_second")
 
 
 def _mean_of(configuration: Configuration, key: str) -> float:
     values = [r.record.get(key) for r in configuration.runs]
+    if key == "device_seconds":  # time on an accelerator: only runs that had one
+        values = [v for r, v in zip(configuration.runs, values)
+                  if (r.record.get("host") or {}).get("gpus")]
     numbers = [float(v) for v in values if isinstance(v, (int, float))]
     return float(np.mean(numbers)) if numbers else float("nan")
+
+
+def total_seconds(configuration: Configuration) -> float:
+    """Everything the approach needed (mean over seeds): the run's wall time plus the
+    frozen-prefix cache it trained from (the SVM's and probe's include their extraction)."""
+    return float(np.mean([float(r.record.get("wall_seconds") or 0.0)
+                          + float(r.record.get("prefix_cache_seconds") or 0.0)
+                          for r in configuration.runs]))
+
+
+def rate_counts(configuration: Configuration) -> str:
+    """What `images_per_second` counts for this configuration."""
+    if configuration.approach in ("svm", "probe"):
+        return "images through the trunk (extraction)"
+    if configuration.record.get("trained_on") == "cached activations":
+        return "cached activations (training)"
+    return "images through the network (training)"
 
 
 def headline(study: Study, resamples: int, seed: int) -> pd.DataFrame:
@@ -45,7 +65,7 @@ def headline(study: Study, resamples: int, seed: int) -> pd.DataFrame:
             **{k: mean[k] for k in ("weighted_precision", "weighted_recall", "weighted_f1",
                                     "macro_precision", "macro_recall", "log_loss",
                                     "top2_accuracy")},
-            "train_seconds": _mean_of(configuration, "wall_seconds"),
+            "train_seconds": total_seconds(configuration),
             "images_per_second": _mean_of(configuration, "images_per_second"),
         })
     table = pd.DataFrame(rows)
@@ -58,6 +78,7 @@ def cost(study: Study) -> pd.DataFrame:
     return pd.DataFrame([{
         "configuration": c.label, "approach": c.approach,
         **{key: _mean_of(c, key) for key in TIMINGS},
+        "total_seconds": total_seconds(c), "rate_counts": rate_counts(c),
         "epochs": len(c.record.get("history") or []) or np.nan,
     } for c in study.configurations])
 
@@ -164,6 +185,45 @@ def significance(study: Study) -> pd.DataFrame:
                      "meaning": meaning(a.label, b.label, test)})
     return pd.DataFrame(rows, columns=["a", "b", "n", "only_a_right", "only_b_right", "p_value",
                                        "meaning"])
+
+
+def edge_notes(study: Study) -> list[str]:
+    """A sentence for every selected hyperparameter that sits on the edge of its grid: the
+    best value may lie beyond the values tried."""
+    notes = []
+    for configuration in study.configurations:
+        record = configuration.record
+        grid = record.get("grid") or []
+        for key, chosen in (record.get("selected") or {}).items() if grid else ():
+            values = sorted({row[key] for row in grid if isinstance(row.get(key), (int, float))})
+            if len(values) > 1 and chosen in (values[0], values[-1]):
+                notes.append(_edge(configuration.label, key, chosen, values))
+    best, _ = best_finetune(study)
+    lrs = sorted({float(v) for v in (study.config.get("sweep") or {}).get("lr") or []})
+    if best is not None and len(lrs) > 1 and float(best.record.get("lr", -1)) in (lrs[0],
+                                                                                   lrs[-1]):
+        notes.append(_edge(best.label, "lr", float(best.record["lr"]), lrs))
+    return notes
+
+
+def _edge(label: str, key: str, chosen: float, values: list[float]) -> str:
+    side = "smallest" if chosen == values[0] else "largest"
+    return (f"{label}: the selected {key}={chosen:g} is the {side} value of its grid "
+            f"({', '.join(f'{v:g}' for v in values)}); a better value may lie beyond it.")
+
+
+def label_rule_notes(study: Study) -> list[str]:
+    """How the classical heads label images, and how often the SVM's own vote agrees."""
+    notes = []
+    for configuration in study.configurations:
+        record = configuration.record
+        if record.get("label_rule"):
+            agree = record.get("own_label_agreement")
+            notes.append(f"{configuration.label}: labels are {record['label_rule']}, so labels "
+                         "and log loss describe one prediction"
+                         + (f"; the classifier's own vote agrees on {agree:.1%} of the test "
+                            "images" if isinstance(agree, (int, float)) else "") + ".")
+    return notes
 
 
 def sweep_metric(study: Study) -> str | None:

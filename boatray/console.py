@@ -1,0 +1,145 @@
+"""What the sweep prints: boatray's own lines, Ray's worker output kept in files.
+
+Quiet by default: Ray's workers and actors write to Ray's session log files, not to the
+console (`ray.init(log_to_driver=False)`), Ray's INFO lines in the driver go to its log files
+only (`quiet_driver_logs`), and `keep_ray_logs` copies the session's logs into
+results/<experiment>/logs/ at the end of the run; `--verbose` shows them live, as Ray does.
+`TrialLines` is the Tune callback that prints one compact line per trial epoch and one per
+trial end, with an ETA from the sweep's own pace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ray import tune
+
+LOGS_DIR = "logs"
+
+
+def ray_logs_dir() -> Path | None:
+    """The running local Ray session's log folder (None when unknown, e.g. a remote cluster)."""
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return Path(node.get_logs_dir_path()) if node is not None else None
+    except (ImportError, AttributeError):  # a Ray without this private handle
+        return None
+
+
+def keep_ray_logs(results_dir: Path) -> Path | None:
+    """Copy the local Ray session's worker and actor output (*.out, *.err) into
+    results_dir/logs/; return that folder, or None when there is no local session."""
+    source = ray_logs_dir()
+    if source is None or not source.is_dir():
+        return None
+    target = Path(results_dir) / LOGS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.glob("*"):
+        if path.is_file() and path.suffix in (".out", ".err", ".log"):
+            shutil.copyfile(path, target / path.name)
+    return target
+
+
+def quiet_driver_logs() -> None:
+    """Ray's own INFO lines in this (the driver's) process, Ray Data's progress among them, go
+    to Ray's log files only; warnings and errors still reach the console."""
+    import ray.data  # noqa: F401  (configures Ray Data's loggers, which this then quiets)
+    from ray.data._internal.logging import SessionFileHandler
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.WARNING)
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Tune's new output engine prints its config table and a TensorBoard hint (into Ray's
+    # temporary folder) even at verbose=0; its legacy engine prints nothing at verbose=0
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+
+def duration(seconds: float) -> str:
+    """`42 s`, `3.5 min` or `1.2 h`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class TrialLines(tune.Callback):
+    """One line per trial epoch and one per trial end.
+
+    Rates say what they count: images through the network, or cached activations for a trial
+    that trains on the frozen-prefix cache. The ETA is the sweep's measured pace (elapsed
+    time per finished epoch, all trials together, start-up included) times the epochs still
+    to run, `total_trials * epochs` minus those done; a trial that ASHA stops early makes it
+    shorter than shown.
+    """
+
+    def __init__(self, total_trials: int, epochs: int, metric: str,
+                 cached: set[tuple[str, int]] = frozenset()) -> None:
+        self.total, self.epochs, self.metric = total_trials, epochs, metric
+        self.cached = cached  # (freeze, repeat) of the trials that train on cached activations
+        self.start = time.monotonic()
+        self.done_epochs: dict[str, int] = {}
+        self.numbers: dict[str, int] = {}
+        self.finished: set[str] = set()
+
+    def _eta(self) -> str:
+        done = sum(self.done_epochs.values())
+        left = sum(self.epochs - self.done_epochs.get(t, 0) for t in self.numbers
+                   if t not in self.finished)
+        left += (self.total - len(self.numbers)) * self.epochs
+        if not done:
+            return "ETA unknown"
+        return f"ETA {duration((time.monotonic() - self.start) / done * max(left, 0))}"
+
+    def _name(self, trial) -> str:
+        number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
+        cfg = trial.config
+        return (f"trial {number}/{self.total} {trial.trial_id} {cfg['freeze']} lr={cfg['lr']:.0e} "
+                f"{cfg['scheduler']} r{cfg['repeat']}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict,
+                        **info) -> None:
+        name = self._name(trial)
+        epoch = int(result.get("epoch", 0))
+        self.done_epochs[trial.trial_id] = epoch
+        unit = ("cached activations/s" if (trial.config["freeze"], int(trial.config["repeat"]))
+                in self.cached else "images/s")
+        print(f"[sweep] {name} {epoch_text(result, self.epochs, unit)}, "
+              f"{duration(float(result.get('time_total_s', 0.0)))} | {self._eta()}", flush=True)
+
+    def _end(self, trial, what: str) -> None:
+        name = self._name(trial)
+        self.finished.add(trial.trial_id)
+        result = trial.last_result or {}
+        epoch = int(result.get("epoch", 0))
+        early = " (stopped early by ASHA)" if what == "done" and epoch < self.epochs else ""
+        print(f"[sweep] {name} {what} after {epoch} epoch(s){early}: {self.metric} "
+              f"{_num(result, self.metric)} in {duration(float(result.get('time_total_s', 0)))}"
+              f" | {len(self.finished)}/{self.total} trials ended, {self._eta()}", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._end(trial, "done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._end(trial, "FAILED (its log: the trial folder under tune/)")
+
+
+def epoch_text(result: dict, epochs: int, unit: str = "images/s") -> str:
+    """`epoch 2/3: loss 0.812 / valid 0.934, valid macro-F1 0.713, 480 images/s` of one
+    epoch's reported metrics."""
+    rate = result.get("images_per_second")
+    return (f"epoch {int(result.get('epoch', 0))}/{epochs}: loss {_num(result, 'train_loss')}"
+            f" / valid {_num(result, 'valid_loss')}, valid macro-F1 "
+            f"{_num(result, 'valid_macro_f1')}, "
+            f"{f'{rate:,.0f}' if isinstance(rate, (int, float)) else '?'} {unit}")
+
+
+def _num(result: dict, key: str) -> str:
+    value = result.get(key)
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
