@@ -277,7 +277,7 @@ def test_ray_job_submit_runs_the_smoke_experiment(private_ray_env, tmp_path):
     # The smoke experiment, cut to one trial: tests/test_sweep.py runs the full grid.
     submitted = run_logged(
         [sys.executable, "ray_jobs/submit.py", "--address", address, "--submission-id", job,
-         "--set", f"storage_path={storage}", "--set", "sweep.freeze=[fc]",
+         "--set", f"storage_path={storage}", "--set", "sweep.freeze=[head]",
          "--set", "sweep.lr=[0.001]"],
         private_ray_env, log, timeout=1200)
     status = job_status(address, job, private_ray_env["RAY_AUTH_TOKEN"])
