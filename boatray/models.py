@@ -420,6 +420,13 @@ def weights_source(name: str, weights: str) -> dict[str, str]:
             "file": Path(resolved.url).name}
 
 
+def describe(name: str, weights: str) -> dict:
+    """The backbone as the report names it: model, weights and their source, and what each
+    freeze spec trains (`stage_table`)."""
+    return {"model": name, "weights": weights_source(name, weights),
+            "stages": stage_table(name)}
+
+
 def file_sha256(path: str | Path) -> str:
     """A file's SHA-256 (hex)."""
     digest = hashlib.sha256()

