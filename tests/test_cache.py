@@ -37,6 +37,7 @@ def manifest(tmp_path_factory) -> Path:
 
 def settings(storage: Path, **train_settings) -> dict:
     """An in-process run (local mode) of resnet18 with random weights, SGD, 2 epochs."""
+    # library calls, not the CLI: each test keeps its results in its own tmp folder
     return {"name": "cache", "storage_path": str(storage), "seed": 0,
             "data": {"image_size": SIZE},
             "model": {"name": "resnet18", "weights": "none"},

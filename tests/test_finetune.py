@@ -44,6 +44,7 @@ def manifest(tree, tmp_path_factory) -> Path:
 
 def experiment(storage: Path, **train_settings) -> dict:
     """A small 2-worker experiment on CPU (gloo) as a config dict."""
+    # library calls, not the CLI: each test keeps its results in its own tmp folder
     return {"name": "tiny", "storage_path": str(storage), "seed": 0,
             "data": {"image_size": SMALL, "valid_fraction": 0.25},
             "model": {"name": "resnet18", "weights": "none"},
