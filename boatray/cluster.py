@@ -53,7 +53,7 @@ def start_ray(address: str | None = None, **kwargs) -> None:
         (port,) = free_ports()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address=LOCAL, include_dashboard=True, dashboard_port=port, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - e.g. a node start-up timeout is a bare Exception
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BoatrayError(f"Ray could not start or join {address!r}: {first}") from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tempfile
 import types
@@ -30,9 +31,12 @@ MODELS = models.names()
 
 
 def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None, each_choices: tuple | None = None) -> Any:
-    """A dataclass field with validation metadata."""
-    meta = {"choices": choices, "min": min, "max": max, "each_choices": each_choices}
+         max: float | None = None, each_choices: tuple | None = None,
+         above: float | None = None, folder_name: bool = False) -> Any:
+    """A dataclass field with validation metadata (`above`: an exclusive lower bound;
+    `folder_name`: a plain folder name, no path)."""
+    meta = {"choices": choices, "min": min, "max": max, "each_choices": each_choices,
+            "above": above, "folder_name": folder_name}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -77,7 +81,7 @@ class TrainConfig:
     epochs: int = _opt(10, min=1)
     batch_size: int = _opt(32, min=1)
     optimizer: str = _opt("adam", choices=("adam", "adamw", "sgd"))
-    lr: float = _opt(1e-3, min=0.0)
+    lr: float = _opt(1e-3, above=0.0)
     weight_decay: float = _opt(0.0, min=0.0)
     momentum: float = _opt(0.9, min=0.0, max=1.0)
     scheduler: str = _opt("none", choices=("none", "plateau", "cosine", "step"))
@@ -119,7 +123,7 @@ class SweepConfig:
     enabled: bool = True
     freeze: list[str] = _opt(["head", "last1", "last2", "last3", "all", "gradual"],
                              each_choices=FREEZE_SPECS)
-    lr: list[float] = _opt([1e-2, 1e-3, 1e-4, 1e-5])
+    lr: list[float] = _opt([1e-2, 1e-3, 1e-4, 1e-5], above=0.0)
     scheduler: list[str] = _opt(["none"], each_choices=("none", "plateau", "cosine", "step"))
     search: str = _opt("grid", choices=("grid", "random", "optuna"))
     num_samples: int = _opt(8, min=1)
@@ -140,7 +144,7 @@ class BaselineConfig:
     enabled: bool = True
     image_size: tuple[int, int] = _opt((30, 100), min=8)
     epochs: int = _opt(10, min=1)
-    lr: float = _opt(1e-3, min=0.0)
+    lr: float = _opt(1e-3, above=0.0)
     optimizer: str = _opt("adam", choices=("adam", "adamw", "sgd"))
     batch_size: int = _opt(32, min=1)
 
@@ -166,12 +170,12 @@ class FeaturesConfig:
 class SvmConfig:
     """The classical heads fitted on the driver: RBF SVM and a logistic-regression probe."""
 
-    C: list[float] = _opt([0.1, 1.0, 10.0, 100.0])
+    C: list[float] = _opt([0.1, 1.0, 10.0, 100.0], above=0.0)
     gamma: list[float | str] = _opt(["scale"])
     class_weight: str | None = _opt(None, choices=(None, "balanced"))
     refit: str = _opt("train+valid", choices=("train", "train+valid"))
     probe: bool = True
-    probe_C: list[float] = _opt([0.01, 0.1, 1.0])
+    probe_C: list[float] = _opt([0.01, 0.1, 1.0], above=0.0)
     metric: str = _opt("macro_f1", choices=("macro_f1", "accuracy"))  # selection on valid
 
 
@@ -186,7 +190,7 @@ class ReportConfig:
 class Experiment:
     """A whole study: data, fine-tuning sweep, features + SVM, baseline, report."""
 
-    name: str = "lab6"
+    name: str = _opt("lab6", folder_name=True)
     storage_path: str = "results"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -433,9 +437,17 @@ def _check(key: str, value: Any, meta: typing.Mapping) -> Any:
     for item in value if each is not None else ():
         if item not in each:
             raise BoatrayError(f"{key} entries must be among {', '.join(each)}; got {item!r}")
-    low, high = meta.get("min"), meta.get("max")
+    if meta.get("folder_name") and (not value or value in (".", "..")
+                                    or any(c in value for c in "/\\\0")):
+        raise BoatrayError(f"{key} must be a plain folder name (no '/', not '.' or '..'), "
+                           f"got {value!r}")
+    low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
     for number in (value if isinstance(value, (list, tuple)) else [value]):
         if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise BoatrayError(f"{key} must be a finite number, got {number}")
+            if above is not None and number <= above:
+                raise BoatrayError(f"{key} must be > {above}, got {number}")
             if low is not None and number < low:
                 raise BoatrayError(f"{key} must be >= {low}, got {number}")
             if high is not None and number > high:

@@ -147,10 +147,14 @@ def actor_count(cfg: FeaturesConfig) -> int:
 
 
 def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
-            cfg: FeaturesConfig, image_size: tuple[int, int]) -> Path:
+            cfg: FeaturesConfig, image_size: tuple[int, int], seed: int = 0) -> Path:
     """Run the trunk of `model` (up to `cfg.stage`) over every manifest image with Ray Data;
-    write `out_path` (features.parquet) and `features.json` beside it; return `out_path`."""
+    write `out_path` (features.parquet) and `features.json` beside it; return `out_path`.
+
+    `seed` draws the trunk's weights when `model.weights` is `none` (same seed, same features).
+    """
     frame, classes = read_manifest(manifest_path)
+    torch.manual_seed(seed)
     network = models.build(model.name, model.weights, len(classes), model.pooling)
     trunk = models.trunk(network, cfg.stage)
     shape = output_shape(trunk, image_size)
@@ -330,7 +334,7 @@ def read_features(path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
 
 def extract_for(exp: Experiment, manifest: str | Path, out_path: str | Path) -> Path:
     """The sweep's features stage, first half: `extract` with the experiment's settings."""
-    return extract(manifest, out_path, exp.model, exp.features, exp.data.image_size)
+    return extract(manifest, out_path, exp.model, exp.features, exp.data.image_size, exp.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

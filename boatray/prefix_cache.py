@@ -195,6 +195,8 @@ def prepare(exp: Experiment, manifest: str | Path) -> str | None:
               f"{needed / 2**30:.1f} GiB, {folder.parent} has {free / 2**30:.1f} GiB free",
               flush=True)
         return None
+    print(f"[cache] {run}: computing the {stage} activations of {len(rows)} images",
+          flush=True)
     info = _compute(exp, rows, stage, trunk, shape, folder)
     if "://" in where:
         _copy_files(folder, where, upload=True)

@@ -9,24 +9,42 @@ Stages, each writing into results/<experiment>/ (DESIGN.md):
 4. baseline: BetterCNN from scratch through the same training loop;
 5. the comparison report.
 
-A stage that fails with a user-facing error is reported and the others still run, so nothing
-already computed is lost; `--resume` finishes an interrupted run without repeating finished work.
+A stage that fails is reported in one line and the others still run, so nothing already
+computed is lost. The driver holds results/<experiment>/run.lock (one run per folder) and
+records the run's state in run_state.json; SIGINT/SIGTERM stop it cleanly (boatray.interrupt)
+with the command that finishes it, and `--resume` finishes an interrupted or killed run
+without repeating finished work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from boatray import config as config_module
-from boatray import features, finetune, models, preflight, report, storage, svm, tuning
+from boatray import (
+    features,
+    finetune,
+    interrupt,
+    models,
+    preflight,
+    report,
+    run_state,
+    storage,
+    svm,
+    train,
+    tuning,
+)
 from boatray.cluster import start_ray
 from boatray.config import Experiment
 from boatray.data.manifest import ensure_manifest, read_manifest
@@ -60,8 +78,13 @@ def check_results_dir(exp: Experiment, resume: bool) -> None:
 
     With remote storage the local staging folder is refilled from the storage first.
     """
-    if exp.remote_storage:
-        shutil.rmtree(exp.results_dir, ignore_errors=True)
+    if exp.remote_storage:  # the staging folder is refilled; the lock this process holds stays
+        for child in exp.results_dir.iterdir():
+            if child.name != run_state.LOCK:
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         storage.mirror_down(exp)
     record = exp.results_dir / EXPERIMENT_JSON
     if not record.is_file():
@@ -89,8 +112,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def stage_sweep(exp: Experiment, manifest: Path, resume: bool) -> None:
     """Fine-tuning sweep, trials.parquet, and test evaluation of the selected configurations."""
+    train.check_inputs(exp, manifest)
     results = tuning.run_sweep(exp, manifest, resume=resume)
-    table = tuning.trials_table(results)
+    table = tuning.trials_table(exp, results)
     tuning.write_trials(exp, table)
     errors = [r.error for r in results if r.error]
     print(f"[sweep] {table['trial_id'].nunique()} trials, {len(errors)} failed; "
@@ -135,13 +159,24 @@ def stage_baseline(exp: Experiment, manifest: Path, resume: bool) -> None:
     finetune.run(finetune.baseline_experiment(exp), manifest, run_dir, approach="baseline")
 
 
+def _cause(exc: Exception, exp: Experiment, title: str) -> str:
+    """A failure in one line; an unexpected exception's traceback goes to results/.../logs/."""
+    if isinstance(exc, BoatrayError):
+        return str(exc)
+    log = exp.results_dir / "logs" / f"{re.sub(r'[^a-z0-9]+', '-', title.lower())}.traceback.txt"
+    atomic_write_text(log, traceback.format_exc())
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first} (traceback: {log})"
+
+
 def stage_report(exp: Experiment) -> Path:
     """report.md and report.html from every run folder there is."""
     return report.write_report(exp.results_dir)
 
 
 def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
-    """Run every enabled stage; return the user-facing failures (the other stages still run)."""
+    """Run every enabled stage; return their failures, one line each (the other stages still
+    run whatever the exception). A signal (`interrupt.Interrupted`) stops them all."""
     stages: list[tuple[str, bool, Callable[[], object]]] = [
         ("fine-tuning sweep", exp.sweep.enabled, lambda: stage_sweep(exp, manifest, resume)),
         ("features + SVM", exp.features.enabled,
@@ -158,9 +193,10 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
         print(f"[boatray] {title}: starting", flush=True)
         try:
             stage()
-        except BoatrayError as exc:
-            failures.append(f"{title}: {exc}")
-            print(f"[boatray] {title}: FAILED: {exc}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one failed stage does not stop the others
+            cause = _cause(exc, exp, title)
+            failures.append(f"{title}: {cause}")
+            print(f"[boatray] {title}: FAILED: {cause}", flush=True)
             continue
         finally:
             storage.mirror_up(exp)
@@ -170,7 +206,8 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    """Run the experiment end to end; exit code 2 with one line on a user-facing error."""
+    """Run the experiment end to end; exit code 2 with one line on a user-facing error, 130 or
+    143 after SIGINT or SIGTERM, with the command that finishes the run."""
     args = build_parser().parse_args(argv)
     exp = config_module.from_arguments(args)
     if args.config is None:
@@ -180,23 +217,48 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[boatray] results: {results_location(exp)}", flush=True)
     if args.dry_run:
         return dry_run(exp, args)
-    check_results_dir(exp, args.resume)
+    interrupt.install()
+    try:
+        with run_state.RunLock(exp.results_dir):
+            return run(exp, args.resume, args.address)
+    except interrupt.Interrupted as stop:
+        given = sys.argv[1:] if argv is None else argv
+        resume = shlex.join(["python", "-m", "boatray.sweep", *given,
+                             *([] if args.resume else ["--resume"])])
+        run_state.write_state(exp.results_dir, "interrupted", signal=str(stop), resume=resume)
+        storage.mirror_up(exp)
+        print(f"[boatray] stopped by {stop}; nothing finished is lost. Finish the run with: "
+              f"{resume}", file=sys.stderr, flush=True)
+        return stop.exit_code
+
+
+def run(exp: Experiment, resume: bool, address: str | None) -> int:
+    """The study in a results folder this process holds; 2 when a stage failed."""
+    check_results_dir(exp, resume)
     started = time.monotonic()
-    start_ray(args.address)
+    start_ray(address)
     run_exp, _ = preflight.check(exp)
     manifest = ensure_manifest(exp)
     atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
     atomic_write_text(exp.results_dir / BACKBONE_JSON,
                       json.dumps(models.describe(exp.model.name, exp.model.weights), indent=2))
-    failures = run_stages(run_exp, manifest, args.resume)
-    report_path = stage_report(run_exp)
+    run_state.write_state(exp.results_dir, "running")
+    failures = run_stages(run_exp, manifest, resume)
+    run_state.write_state(exp.results_dir, "finished", failures=failures)
+    report_path = None
+    print("[boatray] report: writing", flush=True)
+    try:
+        report_path = stage_report(run_exp)
+    except Exception as exc:  # noqa: BLE001 - a failed report loses nothing else
+        failures.append(f"report: {_cause(exc, exp, 'report')}")
     storage.mirror_up(exp)
-    print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min; report: "
-          f"{report_path}", flush=True)
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+    print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min"
+          + (f", {len(failures)} failed (above)" if failures else "")
+          + (f"; report: {report_path}" if report_path else "; no report"), flush=True)
     print(f"[boatray] results: {results_location(exp)}", flush=True)
-    if failures:
-        raise BoatrayError("; ".join(failures))
-    return 0
+    return 2 if failures else 0
 
 
 def results_location(exp: Experiment) -> str:

@@ -460,6 +460,10 @@ def train_loop_per_worker(config: dict) -> None:
                                                if p.requires_grad)}
         history.append(metrics)
         _report(metrics, rank, module, optimizer, scheduler, history, meta)
+    if checkpoint is not None and history and start >= cfg.epochs:
+        # restored after its last epoch (e.g. the driver was killed right then): report the
+        # final metrics again, so that a Tune trial gets its metric
+        ray.train.report({**history[-1], "checkpoint_path": checkpoint.path})
 
 
 def _broadcast_buffers(module: nn.Module) -> None:
@@ -500,13 +504,17 @@ def _report(metrics: dict, rank: int, module: nn.Module, optimizer: torch.optim.
 
 def check_inputs(exp: Experiment, manifest: str | Path) -> None:
     """Fail fast on the driver, before any worker starts: the manifest has train and valid
-    images and the model takes the freeze spec."""
+    images, a weights file loads into the model, and the model takes the freeze spec."""
     frame, classes = read_manifest(manifest)
     for split in ("train", "valid"):
         if not (frame.split == split).any():
             raise BoatrayError(f"manifest {manifest} has no {split} images (a valid split is "
                                "needed: set data.valid_fraction > 0 or add a valid/ folder)")
-    probe = models.build(exp.model.name, "none", len(classes), exp.model.pooling)
+    weights = str(exp.model.weights)
+    # a weights file (its path made absolute by the config) is read here, so a bad one is one
+    # line now rather than a failure in every worker; torchvision weights are left to them
+    probe = models.build(exp.model.name, weights if Path(weights).is_absolute() else "none",
+                         len(classes), exp.model.pooling)
     models.freeze(probe, freeze_spec_at(exp.train, 0))
 
 

@@ -11,6 +11,7 @@ its location, so no two trials compute the same cache and a trial only reads it.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from boatray import prefix_cache, train
+from boatray import interrupt, prefix_cache, train
 from boatray.config import Experiment, from_dict
 from boatray.errors import BoatrayError
 from boatray.results import atomic_write_parquet
@@ -29,6 +30,7 @@ TUNE_DIR = "tune"
 TRAIN_DIR = "train"
 TRIALS = "trials.parquet"
 CONFIG_KEYS = ("freeze", "lr", "scheduler", "repeat")
+CHECKPOINT_PATH = "checkpoint_path"
 METRIC_MODES = {"valid_loss": "min", "valid_accuracy": "max", "valid_macro_f1": "max"}
 
 
@@ -166,8 +168,16 @@ class ProgressCallback(tune.Callback):
         self._line(trials, trial, "FAILED")
 
 
+class GracefulStop(tune.Callback):
+    """SIGINT and SIGTERM stop the sweep through Tune's own graceful stop (boatray.interrupt)."""
+
+    def setup(self, **info) -> None:
+        interrupt.during_tune()
+
+
 def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.ResultGrid:
-    """Run (or resume) the Tune sweep of fine-tuning trials and return its results."""
+    """Run (or resume) the Tune sweep of fine-tuning trials and return its results; raise
+    `interrupt.Interrupted` when a signal stopped it (its state is saved for --resume)."""
     root = exp.storage_uri
     tune_path = f"{root}/{TUNE_DIR}"
     restore = tune.Tuner.can_restore(tune_path)
@@ -196,8 +206,10 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
                 name=TUNE_DIR, storage_path=root, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[ProgressCallback(exp.sweep.metric, exp.train.epochs, concurrency),
-                           *_logger_callbacks(exp)]))
-    return tuner.fit()
+                           GracefulStop(), *_logger_callbacks(exp)]))
+    results = tuner.fit()
+    interrupt.after_tune()
+    return results
 
 
 def _trial_dirname(trial) -> str:
@@ -215,26 +227,67 @@ def trial_checkpoint(exp: Experiment, path: str):
     return Checkpoint(path)
 
 
-def trials_table(results: tune.ResultGrid) -> pd.DataFrame:
-    """One row per trial per epoch: trial_id, the trial's config, every reported metric."""
-    frames = []
+def trials_table(exp: Experiment, results: tune.ResultGrid) -> pd.DataFrame:
+    """One row per trial per epoch: trial_id, the trial's config, status, its last checkpoint,
+    every metric the loop records, and `time_total_s` (`_time_total`).
+
+    The rows come from the history in each trial's last checkpoint, not from what Tune
+    recorded: Tune starts a restored trial's record afresh, the checkpoint holds every epoch.
+    A trial Tune restored twice under one id appears once.
+    """
+    frames: dict[str, pd.DataFrame] = {}
     for result in results:
-        history = result.metrics_dataframe
-        if history is None or history.empty:
+        path = _last_checkpoint_path(result)
+        history = _checkpoint_history(exp, path) if path else []
+        trial_id = (result.metrics or {}).get("trial_id", Path(result.path).name)
+        if not history or len(frames.get(trial_id, ())) >= len(history):
             continue
-        history = history.copy()
-        history["trial_id"] = (result.metrics or {}).get("trial_id", Path(result.path).name)
+        history = pd.DataFrame(history)
+        history["trial_id"] = trial_id
         for key in CONFIG_KEYS:
             history[key] = result.config[key]
         history["status"] = "error" if result.error else "finished"
-        frames.append(history)
+        history["checkpoint_path"] = path
+        history["time_total_s"] = _time_total(result, history)
+        frames[trial_id] = history
     if not frames:
         raise BoatrayError("the sweep produced no results: every trial failed before epoch 1")
-    table = pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames.values(), ignore_index=True)
     first = ["trial_id", "epoch", *CONFIG_KEYS, "status"]
-    rest = [c for c in table.columns if c not in first and not c.startswith("config/")]
-    table = table[first + rest]
+    table = table[first + [c for c in table.columns if c not in first]]
     return table.sort_values(["trial_id", "epoch"]).reset_index(drop=True)
+
+
+def _time_total(result: tune.Result, history: pd.DataFrame) -> pd.Series:
+    """Tune's `time_total_s` at each epoch (start-up included); for epochs Tune no longer
+    records (a restored trial), the cumulated epoch seconds."""
+    reported = result.metrics_dataframe
+    summed = history["epoch_seconds"].cumsum()
+    if reported is None or not {"epoch", "time_total_s"} <= set(reported.columns):
+        return summed
+    by_epoch = reported.drop_duplicates("epoch", keep="last").set_index("epoch")["time_total_s"]
+    return history["epoch"].map(by_epoch).fillna(summed)
+
+
+def _last_checkpoint_path(result: tune.Result) -> str | None:
+    """The checkpoint of a trial's last report (`checkpoint_path`, see TuneReportCallback)."""
+    last = (result.metrics or {}).get(CHECKPOINT_PATH)
+    frame = result.metrics_dataframe
+    if last or frame is None or CHECKPOINT_PATH not in frame:
+        return last
+    reported = frame[CHECKPOINT_PATH].dropna()
+    return reported.iloc[-1] if len(reported) else None
+
+
+def _checkpoint_history(exp: Experiment, path: str) -> list[dict]:
+    """The per-epoch metrics a checkpoint's meta.json records ([] when it cannot be read)."""
+    checkpoint = trial_checkpoint(exp, path)
+    try:
+        with checkpoint.filesystem.open_input_stream(
+                f"{checkpoint.path}/{train.META_FILE}") as stream:
+            return list(json.loads(stream.read())["history"])
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def write_trials(exp: Experiment, table: pd.DataFrame) -> Path:

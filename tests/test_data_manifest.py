@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -158,6 +159,65 @@ def test_cli_prepare_and_one_line_errors(tree, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_jpeg_damaged_in_the_middle_is_found_by_the_full_decode(tree, tmp_path, capsys):
+    victim = sorted((tree / "train" / "boat01").glob("*.jpg"))[0]
+    data = victim.read_bytes()
+    middle = (data.index(b"\xff\xda") + len(data)) // 2  # a stray marker in the middle of
+    # the entropy-coded data, after the start-of-scan marker; the end marker stays
+    victim.write_bytes(data[:middle] + b"\xff\xc0" + data[middle + 2:])
+    with Image.open(victim) as image:
+        image.verify()  # the header check and the end marker both pass
+    frame, _ = read_manifest(prepare(tree, tmp_path / "out"))
+    assert str(victim.resolve()) not in set(frame.path)
+    printed = capsys.readouterr().out
+    assert "excluded 1 unreadable image files:" in printed
+    assert f"{victim}: cannot decode" in printed
+
+
+def test_16_bit_and_other_modes_convert_to_rgb(tmp_path):
+    from boatray.data.images import decode
+
+    ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (12, 1))
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode.startswith("I")  # PIL reads it as 16/32-bit integers
+    pixels = decode(str(tmp_path / "grey16.png"), (12, 40))
+    assert pixels.shape == (12, 40, 3) and pixels.dtype == np.uint8
+    assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255
+    assert abs(int(pixels[0, 20, 0]) - 131) <= 2  # the middle of the ramp stays grey
+    rgba = Image.fromarray(np.full((12, 40, 4), 90, dtype=np.uint8), "RGBA")
+    rgba.save(tmp_path / "rgba.png")
+    rgba.convert("P").save(tmp_path / "palette.png")
+    for name in ("rgba.png", "palette.png"):
+        assert decode(str(tmp_path / name), (12, 40)).shape == (12, 40, 3)
+
+
+def test_unwritable_output_folder_is_one_line(tree, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    outs = [tmp_path / "a-file", tmp_path / "a-file" / "below"]
+    if not os.access(locked, os.W_OK):  # root writes anywhere: this case only for other users
+        outs.append(locked)
+    try:
+        for out in outs:
+            assert main(["prepare", "--source", str(tree), "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: cannot write to the output folder {out}: ")
+            assert err.count("\n") == 1
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_failed_prepare_leaves_no_empty_folder(tmp_path):
+    (tmp_path / "src" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "test" / "a").mkdir(parents=True)
+    with pytest.raises(BoatrayError, match="no usable training images"):
+        prepare(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_prepared_folder_is_a_data_source(tree, tmp_path, capsys):

@@ -164,3 +164,15 @@ def test_every_sample_label_is_mapped_or_excluded(mardct_sample, tmp_path, proto
     test = frame[frame.split == "test"]
     assert dict(zip(test.path.map(lambda p: Path(p).name), test.label)) == expected
     assert len(classes) == (16 if protocol == "lab16" else 24)
+
+
+def test_ground_truth_paths_stay_inside_the_test_folder(raw_tree, tmp_path, capsys):
+    truth = raw_tree / TEST_FOLDER / "ground_truth.txt"
+    escaped = "../sc5/Mototopo/Mototopo_0.jpg"
+    assert (raw_tree / TEST_FOLDER / escaped).is_file()
+    truth.write_text(truth.read_text() + f"{escaped};Mototopo\n")
+    frame, _ = read_manifest(prepare(raw_tree, tmp_path / "out", protocol="lab16"))
+    test_paths = set(frame.path[frame.split == "test"])
+    assert not any("sc5/Mototopo" in path for path in test_paths)
+    assert (f"ground_truth.txt lines naming a file outside the test folder: 1 (e.g. {escaped})"
+            in capsys.readouterr().out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from boatray import metrics, results
+from boatray import metrics, results, run_state
 from boatray.config import Experiment
 from boatray.report import main, write_report
 from boatray.results import RUN_JSON, atomic_write_parquet, predictions_frame, read_run, write_run
@@ -264,3 +265,54 @@ def test_html_renders_in_headless_chromium(full_report: Path, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr[-2000:]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert screenshot.stat().st_size > 50_000  # a rendered page, not a blank one
+
+
+def test_bad_run_folders_are_left_out_with_a_note(tmp_path: Path, capsys) -> None:
+    root = write_study(tmp_path / "bad", runs=("svm", "baseline", "probe"), sweep=False)
+    (root / "probe" / RUN_JSON).write_text("[]")
+    predictions, record = read_run(root / "baseline")
+    predictions.loc[0, "y_pred"] = len(CLASSES)  # out of range
+    write_run(root / "baseline", predictions, record)
+    assert main([str(root)]) == 0
+    md = (root / "report" / "report.md").read_text()
+    assert "probe: left out, its run.json is not a JSON object" in md
+    last = len(CLASSES) - 1
+    assert f"baseline: left out, its y_true/y_pred are not class indices 0..{last}" in md
+
+
+def test_a_rerendered_report_holds_only_what_it_just_wrote(tmp_path: Path) -> None:
+    root = write_study(tmp_path / "again")
+    write_report(root)
+    shutil.rmtree(root / "finetune-fc")
+    for name in ("finetune-best-seed0", "finetune-best-seed1", "finetune-best-seed2"):
+        shutil.rmtree(root / name)
+    (root / "trials.parquet").unlink()
+    write_report(root)
+    md = (root / "report" / "report.md").read_text()
+    for folder, suffix in (("tables", "csv"), ("figures", "png")):
+        on_disk = {p.name for p in (root / "report" / folder).glob(f"*.{suffix}")}
+        linked = set(re.findall(rf"{folder}/([\w.-]+\.{suffix})", md))
+        assert on_disk == linked
+
+
+def test_a_report_of_an_unfinished_run_says_so_first(tmp_path: Path) -> None:
+    root = write_study(tmp_path / "stopped", runs=("svm", "baseline"), sweep=False)
+    run_state.write_state(root, "interrupted", signal="SIGINT",
+                          resume="python -m boatray.sweep --resume")
+    write_report(root)
+    md = (root / "report" / "report.md").read_text()
+    first = md.split("\n## ")[1]
+    assert first.startswith("This run was interrupted")
+    assert "stopped by SIGINT" in first and "it is not the study" in first
+    assert "python -m boatray.sweep --resume" in first
+    run_state.write_state(root, "running")
+    write_report(root)
+    assert "\n## This run has not finished" in (root / "report" / "report.md").read_text()
+    run_state.write_state(root, "finished", failures=["features + SVM: KeyError: 'x'"])
+    write_report(root)
+    md = (root / "report" / "report.md").read_text()
+    assert md.split("\n## ")[1].startswith("Failed stages")
+    assert "- features + SVM: KeyError: 'x'" in md
+    run_state.write_state(root, "finished", failures=[])
+    write_report(root)
+    assert "Failed stages" not in (root / "report" / "report.md").read_text()

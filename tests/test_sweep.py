@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,32 +133,124 @@ def saved_finished_trials(tune_dir: Path) -> set[str]:
     return finished
 
 
-def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
-    overrides = ("sweep.freeze=[head]", "sweep.lr=[0.01, 0.003, 0.001]",
-                 "sweep.max_concurrent_trials=1", "sweep.asha.enabled=false",
-                 "features.enabled=false", "baseline.enabled=false", "train.epochs=1")
-    tune_dir = tmp_path / "smoke" / tuning.TUNE_DIR
-    log_path = tmp_path / "first.log"
+SMALL_SWEEP = ("sweep.freeze=[head]", "sweep.lr=[0.01, 0.001]", "sweep.max_concurrent_trials=1",
+               "sweep.asha.enabled=false", "train.epochs=2", "baseline.enabled=false")
+
+
+def start_sweep(storage: Path, log_path: Path, *overrides: str,
+                resume: bool = False) -> subprocess.Popen:
+    """The small sweep in its own session (a kill of its group ends its local Ray too)."""
+    command = [*sweep_command(storage, *SMALL_SWEEP, *overrides), *(["--resume"] * resume)]
     with log_path.open("w") as log:
-        first = subprocess.Popen(sweep_command(tmp_path, *overrides), env=user_env(),
-                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while not saved_finished_trials(tune_dir):
-            assert first.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in 10 minutes"
-            time.sleep(1)
-        finished_first = saved_finished_trials(tune_dir)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    second = subprocess.run([*sweep_command(tmp_path, *overrides), "--resume"], env=user_env(),
-                            capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
+        return subprocess.Popen(command, env=user_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for(process: subprocess.Popen, log_path: Path, reached, what: str) -> None:
+    deadline = time.monotonic() + 900
+    while not reached():
+        assert process.poll() is None, f"ended before {what}:\n" + log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {what} in 15 minutes"
+        time.sleep(0.2)
+
+
+def assert_complete_histories(results: Path, trials: int, epochs: int) -> pd.DataFrame:
+    """Every trial exactly once in trials.parquet, its epochs 1..last with none missing."""
+    table = pd.read_parquet(results / tuning.TRIALS)
+    assert table["trial_id"].nunique() == trials
+    for trial_id, rows in table.groupby("trial_id"):
+        assert rows["epoch"].tolist() == list(range(1, epochs + 1)), trial_id
+    return table
+
+
+def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
+    """The driver is SIGKILLed during the cache build, mid-trial, right after a trial finished,
+    during features and during the report; each time `--resume` carries on, and the finished
+    run equals an uninterrupted one (same config and seed on a CPU, same numbers)."""
+    results = tmp_path / "killed" / "smoke"
+    train_dir = results / tuning.TRAIN_DIR
+
+    def log_has(text):
+        return lambda: text in log_path.read_text()
+
+    def mid_trial():
+        finished = saved_finished_trials(results / tuning.TUNE_DIR)
+        return any(path.parent.name not in finished
+                   for path in train_dir.glob("*/checkpoint_epoch_0001"))
+
+    points = [("the cache build", lambda: log_has("[cache] freeze=fc seed=0: computing")()),
+              ("a trial's first epoch", mid_trial),
+              ("a finished trial", lambda: log_has(" finished after ")()),
+              ("the features stage", lambda: log_has("[boatray] features + SVM: starting")()),
+              ("the report", lambda: log_has("[boatray] report: writing")())]
+    finished_before = set()
+    for number, (what, reached) in enumerate(points):
+        log_path = tmp_path / f"run{number}.log"
+        process = start_sweep(tmp_path / "killed", log_path, resume=number > 0)
+        wait_for(process, log_path, reached, what)
+        if what == "a finished trial":
+            finished_before = saved_finished_trials(results / tuning.TUNE_DIR)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    last = subprocess.run([*sweep_command(tmp_path / "killed", *SMALL_SWEEP), "--resume"],
+                          env=user_env(), capture_output=True, text=True, timeout=900)
+    assert last.returncode == 0, (last.stdout + last.stderr)[-5000:]
     rerun = {line.split(" trial ")[1].split()[0]
-             for line in second.stdout.splitlines() if " finished after " in line}
-    assert rerun and not finished_first & rerun
-    trials = pd.read_parquet(tmp_path / "smoke" / tuning.TRIALS)
-    assert trials["trial_id"].nunique() == 3
-    assert not trials.duplicated(["trial_id", "epoch"]).any()
+             for line in last.stdout.splitlines() if " finished after " in line}
+    assert not finished_before & rerun
+    killed = assert_complete_histories(results, trials=2, epochs=2)
+    assert "## This run" not in (results / "report" / "report.md").read_text()
+
+    clean = subprocess.run(sweep_command(tmp_path / "clean", *SMALL_SWEEP), env=user_env(),
+                           capture_output=True, text=True, timeout=900)
+    assert clean.returncode == 0, (clean.stdout + clean.stderr)[-5000:]
+    once = assert_complete_histories(tmp_path / "clean" / "smoke", trials=2, epochs=2)
+    assert_same_numbers(results, tmp_path / "clean" / "smoke", killed, once)
+
+
+def assert_same_numbers(a: Path, b: Path, trials_a: pd.DataFrame, trials_b: pd.DataFrame):
+    """Features, the sweep's metrics, the SVM's choice and every prediction are equal."""
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "features" / "features.parquet"),
+                                  pd.read_parquet(b / "features" / "features.parquet"))
+    metrics = ["freeze", "lr", "repeat", "epoch", "train_loss", "train_accuracy",
+               "valid_loss", "valid_accuracy", "valid_macro_f1"]
+    keys = ["freeze", "lr", "repeat", "epoch"]
+    pd.testing.assert_frame_equal(trials_a[metrics].sort_values(keys, ignore_index=True),
+                                  trials_b[metrics].sort_values(keys, ignore_index=True))
+    runs_a = {p.relative_to(a) for p in find_runs(a)}
+    assert runs_a == {p.relative_to(b) for p in find_runs(b)} and runs_a
+    for run in runs_a:
+        predictions_a, record_a = read_run(a / run)
+        predictions_b, record_b = read_run(b / run)
+        assert record_a.get("selected") == record_b.get("selected"), run
+        pd.testing.assert_frame_equal(predictions_a, predictions_b)
+
+
+def test_sigint_stops_cleanly_and_resume_finishes(tmp_path):
+    results = tmp_path / "smoke"
+    log_path = tmp_path / "first.log"
+    first = start_sweep(tmp_path, log_path, "features.enabled=false")
+    wait_for(first, log_path, lambda: " finished after " in log_path.read_text(),
+             "finished trial")
+    stopped = time.monotonic()
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=90) == 130
+    assert time.monotonic() - stopped < 90
+    log = log_path.read_text()
+    said = [line for line in log.splitlines() if "stopped by SIGINT" in line]
+    assert len(said) == 1 and said[0].endswith("--resume")
+    assert "trials.parquet written" not in log and "[boatray] features + SVM" not in log
+    assert not (results / tuning.TRIALS).exists() and not find_runs(results)
+    assert json.loads((results / "run_state.json").read_text())["status"] == "interrupted"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(first.pid, signal.SIGKILL)  # whatever of its Ray is left
+    second = subprocess.run([*sweep_command(tmp_path, *SMALL_SWEEP, "features.enabled=false"),
+                             "--resume"], env=user_env(), capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
+    assert_complete_histories(results, trials=2, epochs=2)
+    report = (results / "report" / "report.md").read_text()
+    assert "## This run" not in report
 
 
 def test_selection_uses_the_mean_over_repeats():

@@ -226,3 +226,20 @@ def test_make_trainer_takes_workers_resources_and_failures_from_the_config(tmp_p
     config = trainer.train_loop_config
     assert from_dict(config["experiment"]) == exp
     assert config["manifest"] == str(tmp_path / "manifest.parquet")
+
+
+def test_a_bad_weights_file_is_found_before_the_workers(tmp_path):
+    from boatray.config import load
+    from boatray.data import synthetic
+    from boatray.data.manifest import prepare
+    from boatray.errors import BoatrayError
+
+    small = from_dict({"data": {"synthetic": {"classes": 2, "train_per_class": 4,
+                                              "test_per_class": 1, "image_size": [16, 32]}}})
+    tree = synthetic.generate(tmp_path / "tree", small.data.synthetic, seed=0)
+    manifest = prepare(tree, tmp_path / "data", valid_fraction=0.5)
+    weights = tmp_path / "random.pt"
+    weights.write_bytes(np.random.default_rng(0).bytes(4096))
+    exp = load(None, [f"model.weights={weights}", "train.cache_prefix=false"])
+    with pytest.raises(BoatrayError, match=f"{weights}"):
+        train.check_inputs(exp, manifest)

@@ -25,12 +25,23 @@ def decode(path: str, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)
             if image.size != (width, height):
                 image = image.resize((width, height), Image.BILINEAR)
             return np.array(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise BoatrayError(f"cannot decode image {path}: {exc}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, decoded completely. 16- and 32-bit greyscale and float
+    images are scaled to 8 bits first: PIL's own conversion clips them (a 16-bit PNG would turn
+    near-white)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() <= 65535 else pixels.max()
+        image = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def decode_batch(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:

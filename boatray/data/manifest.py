@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,7 +48,18 @@ def prepare(source: str | Path, out_dir: str | Path, protocol: str = "lab16",
     source, out_dir = Path(source).expanduser(), Path(out_dir)
     if not source.exists():
         raise BoatrayError(f"data source not found: {source}")
+    created = not out_dir.exists()
     _make_folder(out_dir)
+    try:
+        return _prepare(source, out_dir, protocol, valid_fraction, seed)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed prepare leaves no empty folder behind
+        raise
+
+
+def _prepare(source: Path, out_dir: Path, protocol: str, valid_fraction: float, seed: int
+             ) -> Path:
     exclusions = Exclusions()
     items, described = _collect(source, protocol, out_dir / "raw", exclusions)
     frame, classes = _assemble(items, exclusions)
@@ -228,10 +240,13 @@ def _assemble(items: Items, exclusions: Exclusions) -> tuple[pd.DataFrame, list[
 
 
 def _make_folder(folder: Path) -> None:
+    """Create `folder` if needed and make sure this process can write there."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
-        raise BoatrayError(f"cannot create output folder {folder}: {exc.strerror}") from None
+        raise BoatrayError(f"cannot write to the output folder {folder}: "
+                           f"{exc.strerror or exc}") from None
 
 
 def _split_order(column: pd.Series) -> pd.Series:

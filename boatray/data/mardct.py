@@ -122,7 +122,9 @@ def read_test(test_dir: Path, classes: set[str], exclusions: Exclusions
             continue
         seen.add(name)
         path = test_dir / name
-        if not path.is_file():
+        if not path.resolve().is_relative_to(test_dir.resolve()):
+            exclusions.note(f"{GROUND_TRUTH} lines naming a file outside the test folder", name)
+        elif not path.is_file():
             exclusions.note(f"{GROUND_TRUTH} lines naming a missing file", name)
         elif normalise_label(label) in classes:
             items.append((path, normalise_label(label)))

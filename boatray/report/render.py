@@ -171,14 +171,20 @@ def _html_table(frame: pd.DataFrame) -> str:
 
 
 def write(out_dir: Path, title: str, sections: list[Section]) -> Path:
-    """Write report.md, report.html, figures/*.png and tables/*.csv (each atomically)."""
+    """Write report.md, report.html, figures/*.png and tables/*.csv (each atomically); the
+    CSVs and figures of an earlier report that this one does not have are removed."""
+    written = set()
     for section in sections:
         for block in section.blocks:
             if isinstance(block, Table):
                 keep_index = not isinstance(block.data.index, pd.RangeIndex)
-                atomic_write_text(out_dir / "tables" / f"{block.name}.csv",
-                                  block.data.to_csv(index=keep_index))
+                written.add(atomic_write_text(out_dir / "tables" / f"{block.name}.csv",
+                                              block.data.to_csv(index=keep_index)))
             elif isinstance(block, Plot):
-                atomic_write_bytes(out_dir / "figures" / f"{block.name}.png", block.png)
+                written.add(atomic_write_bytes(out_dir / "figures" / f"{block.name}.png",
+                                               block.png))
+    for folder, pattern in (("tables", "*.csv"), ("figures", "*.png")):
+        for stale in set((out_dir / folder).glob(pattern)) - written:
+            stale.unlink()
     atomic_write_text(out_dir / "report.md", markdown(title, sections))
     return atomic_write_text(out_dir / "report.html", html_page(title, sections))

@@ -22,7 +22,8 @@ def build(study: Study, resamples: int, seed: int) -> list[Section]:
     """Every section the data in `study` supports, then what is missing, config and environment."""
     headline = tables.headline(study, resamples, seed)
     significance = tables.significance(study)
-    sections = [summary(study, headline, significance),
+    sections = [status_section(study),
+                summary(study, headline, significance),
                 headline_section(study, headline, resamples, seed),
                 cost_section(study),
                 repeats_section(study),
@@ -39,6 +40,27 @@ def build(study: Study, resamples: int, seed: int) -> list[Section]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def status_section(study: Study) -> Section | None:
+    """First, when the run did not finish or a stage failed: what this report is not."""
+    state = study.state or {}
+    status = state.get("status")
+    partial = "What follows is partial: it is not the study."
+    if status == "interrupted":
+        return Section("This run was interrupted", [
+            f"The run was stopped by {state.get('signal', 'a signal')} before it finished. "
+            f"{partial} Finish it with: {state.get('resume', '--resume')}"])
+    if status == "running":
+        return Section("This run has not finished", [
+            "run_state.json says the run is still running, or its driver was killed. "
+            f"{partial} Finish a killed run with the same command and --resume."])
+    failures = state.get("failures") or []
+    if failures:
+        return Section("Failed stages", [
+            "These stages failed; what they would have produced is missing below:",
+            [str(failure) for failure in failures]])
+    return None
 
 
 def summary(study: Study, headline: pd.DataFrame, significance: pd.DataFrame) -> Section:

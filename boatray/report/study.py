@@ -1,7 +1,8 @@
 """Load a results folder into what the report works from: runs, configurations, the sweep.
 
 The report reads nothing but run folders (predictions.parquet + run.json, boatray.results)
-and, beside them, the sweep's trials.parquet and the experiment.json config.
+and, beside them, the sweep's trials.parquet, the experiment.json config and run_state.json
+(whether the run finished). A run folder that cannot be used is left out with a note.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pandas as pd
 from boatray import metrics
 from boatray.config import FREEZE_SPECS
 from boatray.errors import BoatrayError
-from boatray.results import APPROACHES, find_runs, read_run
+from boatray.results import APPROACHES, classes_of, find_runs, read_run
+from boatray.run_state import read_state
 
 TRIALS = "trials.parquet"
 EXPERIMENT = "experiment.json"
@@ -88,6 +90,7 @@ class Study:
     trials: pd.DataFrame | None = None
     experiment: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    state: dict[str, Any] | None = None  # run_state.json: running, interrupted or finished
     backbone: dict[str, Any] | None = None
 
     @property
@@ -118,7 +121,7 @@ def load_study(results_dir: str | Path) -> Study:
                            "run.json)")
     return Study(root, _configurations(runs, notes), _trials(root, notes),
                  _json(root / EXPERIMENT, "the config comes from run.json", notes), notes,
-                 _json(root / BACKBONE, "no backbone section", notes))
+                 read_state(root), _json(root / BACKBONE, "no backbone section", notes))
 
 
 def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
@@ -128,9 +131,18 @@ def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
     except (OSError, ValueError) as exc:  # JSON or parquet that cannot be parsed
         notes.append(f"{where}: left out, its files cannot be read ({type(exc).__name__})")
         return None
+    if not isinstance(record, dict):
+        notes.append(f"{where}: left out, its run.json is not a JSON object")
+        return None
     missing = {"split", "path", "y_true", "y_pred"} - set(predictions.columns)
     if missing:
         notes.append(f"{where}: left out, predictions.parquet lacks {', '.join(sorted(missing))}")
+        return None
+    classes = len(classes_of(predictions))
+    labels = predictions[["y_true", "y_pred"]]
+    if not all(pd.api.types.is_integer_dtype(t) for t in labels.dtypes) or (
+            labels.lt(0).any().any() or labels.ge(classes).any().any()):
+        notes.append(f"{where}: left out, its y_true/y_pred are not class indices 0..{classes - 1}")
         return None
     test = predictions[predictions["split"] == "test"]
     if test.empty:
