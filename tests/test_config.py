@@ -16,7 +16,7 @@ def test_defaults_are_the_lab_protocol():
     exp = config.Experiment()
     assert (exp.model.name, exp.model.weights, exp.data.image_size) == (
         "resnet50", "IMAGENET1K_V1", (240, 800))
-    assert exp.sweep.freeze == ["fc", "layer4", "layer3", "layer2", "all", "gradual"]
+    assert exp.sweep.freeze == ["head", "last1", "last2", "last3", "all", "gradual"]
     assert exp.sweep.lr == [1e-2, 1e-3, 1e-4, 1e-5]
 
 
@@ -63,10 +63,10 @@ def test_overrides_and_yaml_number_spellings(tmp_path):
     ("svm.C=[]", "svm.C must not be empty"),
     ("sweep.freeze=[]", "sweep.freeze must not be empty"),
     ("sweep.scheduler=[]", "sweep.scheduler must not be empty"),
-    ("train.freeze=layer9", "train.freeze must be one of fc, layer4"),
+    ("train.freeze=layer4", "train.freeze must be one of head, last1"),
     ("train.epochs=abc", "train.epochs must be an integer"),
     ("train.amp=maybe", "train.amp must be true/false"),
-    ("sweep.freeze=[fc, x]", "sweep.freeze entries must be among"),
+    ("sweep.freeze=[head, x]", "sweep.freeze entries must be among"),
     ("sweep.lr=[]", "sweep.lr must not be empty"),
     ("data.image_size=[1, 2, 3]", "data.image_size must be a list of 2 numbers"),
     ("data.image_size=[4, 800]", "data.image_size must be >= 8"),

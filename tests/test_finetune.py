@@ -57,7 +57,7 @@ def experiment(storage: Path, **train_settings) -> dict:
 
 def test_baseline_experiment_maps_the_baseline_section_onto_a_training_run(tmp_path):
     exp = from_dict(experiment(tmp_path, scheduler="plateau", class_weighted_loss=True,
-                               freeze="layer4", num_workers=3, seed=4))
+                               freeze="last1", num_workers=3, seed=4))
     base = finetune.baseline_experiment(exp)
     assert (base.model.name, base.model.weights) == ("bettercnn", "none")
     assert base.data.image_size == tuple(SMALL)
@@ -67,7 +67,7 @@ def test_baseline_experiment_maps_the_baseline_section_onto_a_training_run(tmp_p
     assert (base.train.num_workers, base.train.seed) == (3, 4)
     assert finetune.default_run_name(base, "baseline") == "baseline-bettercnn-s4"
     assert finetune.default_run_name(exp, "finetune") == (
-        "finetune-resnet18-layer4-lr1e-03-plateau-s4")
+        "finetune-resnet18-last1-lr1e-03-plateau-s4")
 
 
 def test_finetune_cli_reports_bad_input_in_one_line(tmp_path, capsys):
@@ -195,7 +195,7 @@ def worker_measuring_replica_spread(config: dict) -> None:
 
 @pytest.fixture(scope="module")
 def gradual_runs(ray_local, manifest, tmp_path_factory) -> dict:
-    """Gradual unfreezing with 2 DDP workers: 2 epochs (fc, then layer4: one phase change,
+    """Gradual unfreezing with 2 DDP workers: 2 epochs (head, then last1: one phase change,
     measuring the replicas), then the same run resumed to 4 epochs by finetune.run."""
     from ray import cloudpickle
     from ray.train.torch import TorchTrainer
@@ -246,7 +246,7 @@ def test_gradual_unfreezing_changes_the_trainable_set_at_the_right_epochs(gradua
         models.freeze(model, models.gradual_schedule(epoch, 1))
         expected.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
     assert [h["trainable_parameters"] for h in run["history"]] == expected
-    assert len(set(expected)) == 4  # fc, then layer4, layer3, layer2 joined
+    assert len(set(expected)) == 4  # head, then layer4, layer3, layer2 joined
 
     torch.manual_seed(exp.train.seed)  # the workers' initial model
     initial = models.build("resnet18", "none", 4).state_dict()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -18,18 +20,21 @@ def resnet18() -> nn.Module:
     return models.build("resnet18", "none", num_classes=5)
 
 
+RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+
+
 def stage_of(name: str) -> str:
     head = name.split(".")[0]
-    return "stem" if head in ("conv1", "bn1") else head
+    return {"conv1": "stem", "bn1": "stem", "fc": "head"}.get(head, head)
 
 
 @pytest.mark.parametrize("spec, trainable", [
-    ("fc", {"fc"}),
-    ("layer4", {"layer4", "fc"}),
-    ("layer3", {"layer3", "layer4", "fc"}),
-    ("layer2", {"layer2", "layer3", "layer4", "fc"}),
-    ("layer1", {"layer1", "layer2", "layer3", "layer4", "fc"}),
-    ("all", set(models.STAGES)),
+    ("head", {"head"}),
+    ("last1", {"layer4", "head"}),
+    ("last2", {"layer3", "layer4", "head"}),
+    ("last3", {"layer2", "layer3", "layer4", "head"}),
+    ("last4", {"layer1", "layer2", "layer3", "layer4", "head"}),
+    ("all", set(RESNET_STAGES)),
 ])
 def test_freeze_spec_leaves_exactly_its_stages_trainable(resnet18, spec, trainable):
     models.freeze(resnet18, spec)
@@ -38,30 +43,30 @@ def test_freeze_spec_leaves_exactly_its_stages_trainable(resnet18, spec, trainab
     assert models.trainable_names(resnet18) == expected
     groups = models.param_groups(resnet18, lr=1e-2, lr_decay=0.1)
     assert sum(len(g["params"]) for g in groups) == len(expected)
-    assert [g["stage"] for g in groups] == [s for s in models.STAGES if s in trainable]
+    assert [g["stage"] for g in groups] == [s for s in RESNET_STAGES if s in trainable]
 
 
 def test_param_groups_decay_the_lr_of_earlier_stages(resnet18):
-    models.freeze(resnet18, "layer3")
+    models.freeze(resnet18, "last2")
     lrs = {g["stage"]: g["lr"] for g in models.param_groups(resnet18, lr=1e-2, lr_decay=0.5)}
-    assert lrs == pytest.approx({"fc": 1e-2, "layer4": 5e-3, "layer3": 2.5e-3})
+    assert lrs == pytest.approx({"head": 1e-2, "layer4": 5e-3, "layer3": 2.5e-3})
 
 
 def test_freeze_rejects_unknown_specs_and_bettercnn_partial_freezing(resnet18):
     with pytest.raises(BoatrayError, match="unknown freeze spec 'gradual'"):
         models.freeze(resnet18, "gradual")
     with pytest.raises(BoatrayError, match="bettercnn .* 'all'"):
-        models.freeze(models.build("bettercnn"), "fc")
+        models.freeze(models.build("bettercnn"), "head")
 
 
 def test_gradual_schedule_unfreezes_one_stage_every_n_epochs():
     assert [models.gradual_schedule(e, 2) for e in range(13)] == [
-        "fc", "fc", "layer4", "layer4", "layer3", "layer3", "layer2", "layer2",
-        "layer1", "layer1", "all", "all", "all"]
+        "head", "head", "last1", "last1", "last2", "last2", "last3", "last3",
+        "last4", "last4", "all", "all", "all"]
 
 
 def test_frozen_batchnorm_stays_in_eval_and_keeps_its_statistics(resnet18):
-    models.freeze(resnet18, "layer4")
+    models.freeze(resnet18, "last1")
     models.train_mode(resnet18)
     assert not resnet18.bn1.training and not resnet18.layer3[0].bn1.training
     assert resnet18.layer4[0].bn1.training and resnet18.training
@@ -116,7 +121,7 @@ def test_unknown_names_list_the_valid_ones():
         models.build("resnet50", "IMAGENET_V9")
     with pytest.raises(BoatrayError, match="unknown model 'vgg16'; choose one of bettercnn"):
         models.build("vgg16")
-    with pytest.raises(BoatrayError, match="bettercnn has no torchvision weights .got "
+    with pytest.raises(BoatrayError, match="bettercnn has no named weights .got "
                                            ".IMAGENET1K_V1..; valid: none, or a"):
         models.build("bettercnn", "IMAGENET1K_V1")
 
@@ -149,7 +154,7 @@ def test_trunk_and_suffix_compose_to_the_model(resnet18):
     x = torch.randn(2, 3, *SMALL)
     with torch.no_grad():
         expected = resnet18(x)
-        for cut in models.CUT_POINTS:
+        for cut in models.cut_points("resnet18"):
             assert torch.allclose(models.suffix(resnet18, cut)(models.trunk(resnet18, cut)(x)),
                                   expected, atol=1e-5), cut
         assert models.trunk(resnet18, "pool")(x).shape == (2, 512)
@@ -163,5 +168,19 @@ def test_trunk_and_suffix_compose_to_the_model(resnet18):
 
 
 def test_frozen_prefix_is_the_last_fully_frozen_cut_point():
-    assert [models.frozen_prefix(s) for s in models.GRADUAL + ("gradual",)] == [
+    assert [models.frozen_prefix("resnet50", s) for s in models.FREEZE_SPECS] == [
         "pool", "layer3", "layer2", "layer1", "stem", None, None]
+
+
+def test_every_backbone_names_its_cut_points_and_stages_in_its_registry_entry():
+    """The registry's static cut points are the model's own table, and a freeze spec trains
+    the same number of stages on every backbone (the report's stage table)."""
+    for name in models.names():
+        if name == "efficientnet_lite0" and importlib.util.find_spec("timm") is None:
+            continue
+        model = models.build(name, "none", 3)
+        assert tuple(models._stage_modules(model))[:-1] == models.cut_points(name), name
+    rows = {r["freeze"]: r for r in models.stage_table("resnet50")}
+    assert rows["last2"] == {"freeze": "last2", "stages": "layer3 + layer4 + head",
+                             "modules": "layer3, layer4, fc"}
+    assert [r["freeze"] for r in models.stage_table("bettercnn")] == ["all"]

@@ -122,7 +122,7 @@ def test_lab6_runs_on_a_cpu_machine_without_waiting_for_resources(mardct_sample,
     done = run([sys.executable, "-m", "boatray.sweep", "--config",
                 str(REPO / "ray_jobs" / "lab6.yaml"), "--data", str(mardct_sample),
                 "--set", "model.weights=none", "--set", "data.image_size=[60, 200]",
-                "--set", "sweep.freeze=[fc]", "--set", "sweep.lr=[0.001]",
+                "--set", "sweep.freeze=[head]", "--set", "sweep.lr=[0.001]",
                 "--set", "train.epochs=1", "--set", "baseline.epochs=1"], tmp_path)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]

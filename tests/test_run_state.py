@@ -115,7 +115,7 @@ def _checkpoint(folder: Path, epochs: int) -> str:
 def _result(path: Path, trial_id: str, reported: list[dict], metrics: dict):
     return SimpleNamespace(path=str(path / trial_id), error=None, metrics=metrics,
                            metrics_dataframe=pd.DataFrame(reported),
-                           config={"freeze": "fc", "lr": 0.01, "scheduler": "none",
+                           config={"freeze": "head", "lr": 0.01, "scheduler": "none",
                                    "repeat": 0})
 
 

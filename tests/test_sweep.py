@@ -83,7 +83,7 @@ def test_smoke_trials_table_has_every_trial(smoke_run):
     results, log = smoke_run
     trials = pd.read_parquet(results / tuning.TRIALS)
     assert trials["trial_id"].nunique() == 4
-    assert set(trials["freeze"]) == {"fc", "layer4"} and set(trials["lr"]) == {0.01, 0.001}
+    assert set(trials["freeze"]) == {"head", "last1"} and set(trials["lr"]) == {0.01, 0.001}
     for column in ("epoch", "valid_loss", "valid_macro_f1", "train_loss", "epoch_seconds"):
         assert column in trials.columns
     assert not trials.duplicated(["trial_id", "epoch"]).any()
@@ -104,7 +104,7 @@ def test_smoke_writes_every_approach_and_the_report(smoke_run):
     selected = [read_run(p)[1] for p in find_runs(results)
                 if read_run(p)[1]["approach"] == "finetune"]
     assert {r["selected"] for r in selected} == {"best", "best_per_freeze"}
-    assert {r["freeze"] for r in selected} == {"fc", "layer4"}
+    assert {r["freeze"] for r in selected} == {"head", "last1"}
     report = (results / "report" / "report.md").read_text()
     assert (results / "report" / "report.html").is_file()
     for approach in ("svm", "baseline", "finetune"):
@@ -178,7 +178,7 @@ def saved_finished_trials(tune_dir: Path) -> set[str]:
     return finished
 
 
-SMALL_SWEEP = ("sweep.freeze=[fc]", "sweep.lr=[0.01, 0.001]", "sweep.max_concurrent_trials=1",
+SMALL_SWEEP = ("sweep.freeze=[head]", "sweep.lr=[0.01, 0.001]", "sweep.max_concurrent_trials=1",
                "sweep.asha.enabled=false", "train.epochs=2", "baseline.enabled=false")
 
 
@@ -301,12 +301,12 @@ def test_sigint_stops_cleanly_and_resume_finishes(tmp_path):
 def test_selection_uses_the_mean_over_repeats():
     table = pd.DataFrame({
         "trial_id": ["a", "b", "c", "d"], "epoch": [2, 2, 2, 2],
-        "freeze": ["fc", "fc", "layer4", "layer4"], "lr": [0.01, 0.01, 0.001, 0.001],
+        "freeze": ["head", "head", "last1", "last1"], "lr": [0.01, 0.01, 0.001, 0.001],
         "scheduler": ["none"] * 4, "repeat": [0, 1, 0, 1],
         "valid_macro_f1": [0.9, 0.1, 0.6, 0.6]})
     chosen = tuning.select(table, "valid_macro_f1")
     assert [(c["freeze"], c["selected"]) for c in chosen] == [
-        ("layer4", "best"), ("fc", "best_per_freeze")]
+        ("last1", "best"), ("head", "best_per_freeze")]
     assert len(chosen[0]["trials"]) == 2
 
 

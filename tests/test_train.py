@@ -35,7 +35,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("spec", ["fc", "layer4", "layer3", "layer2", "layer1", "all"])
+@pytest.mark.parametrize("spec", ["head", "last1", "last2", "last3", "last4", "all"])
 def test_each_freeze_spec_trains_exactly_its_stages(spec):
     torch.manual_seed(0)
     model = models.build("resnet18", "none", CLASSES)
@@ -46,8 +46,8 @@ def test_each_freeze_spec_trains_exactly_its_stages(spec):
 
     train.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
 
-    first = models.STAGES.index("stem" if spec == "all" else spec)
-    trainable = set(models.STAGES[first:])
+    stages = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
+    trainable = set(stages[models.GRADUAL[::-1].index(spec):])
     after = model.state_dict()
     params = {name for name, _ in model.named_parameters()}
     assert models.trainable_names(model) == {n for n in params if stage_of(n) in trainable}
@@ -64,12 +64,12 @@ def test_unfreezing_keeps_the_optimizer_and_its_state():
     torch.manual_seed(0)
     model = models.build("resnet18", "none", CLASSES)
     optimizer = train.optimizer_over_all_stages(model, TrainConfig(lr=1e-3, lr_decay=0.1))
-    models.freeze(model, "fc")
+    models.freeze(model, "head")
     train.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
     head_state = {k: v.clone() for k, v in optimizer.state[model.fc.weight].items()}
     assert not optimizer.state[model.layer4[0].conv1.weight]
 
-    models.freeze(model, "layer4")
+    models.freeze(model, "last1")
     train.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
     assert optimizer.state[model.fc.weight]["step"] == head_state["step"] + 2
     assert optimizer.state[model.layer4[0].conv1.weight]["step"] == 2
@@ -149,8 +149,8 @@ def test_schedulers_step_once_per_epoch(kind, lrs):
 def test_gradual_freeze_spec_follows_the_schedule():
     cfg = TrainConfig(freeze="gradual", gradual_every=2)
     assert [train.freeze_spec_at(cfg, e) for e in range(5)] == [
-        "fc", "fc", "layer4", "layer4", "layer3"]
-    assert train.freeze_spec_at(TrainConfig(freeze="layer3"), 7) == "layer3"
+        "head", "head", "last1", "last1", "last2"]
+    assert train.freeze_spec_at(TrainConfig(freeze="last2"), 7) == "last2"
 
 
 @pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
@@ -159,7 +159,7 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_epoch(tmp_path, sched
     torch.manual_seed(0)
     model = models.build("resnet18", "none", CLASSES)
     optimizer = train.optimizer_over_all_stages(model, cfg)
-    models.freeze(model, "layer3")
+    models.freeze(model, "last2")
     schedule = train.make_scheduler(optimizer, cfg)
     for _ in range(2):
         train.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)

@@ -37,7 +37,7 @@ def experiment(storage: str):
                  "synthetic": {"classes": 3, "train_per_class": 8, "test_per_class": 4,
                                "image_size": [32, 96], "imbalance": 1.0}},
         "model": {"name": "resnet18", "weights": "none"},
-        "train": {"epochs": 1, "batch_size": 4, "freeze": "layer4", "num_workers": 2,
+        "train": {"epochs": 1, "batch_size": 4, "freeze": "last1", "num_workers": 2,
                   "cpus_per_worker": 1, "loader_workers": 0, "max_failures": 0,
                   "cache_prefix": False},
     })

@@ -25,6 +25,8 @@ alone, knowing nothing about how a prediction was made. It reads, under RESULTS_
   A trial's score is its metric at its last reported epoch; the metric is the config's
   `sweep.metric`.
 - experiment.json, if present: the full config (else the first run.json's `config`).
+- backbone.json, if present: the backbone, its weights' source (file, sha256) and what each
+  freeze spec trains (`boatray.models.describe`).
 
 It writes, to --out (default RESULTS_DIR/report): report.md, a self-contained report.html,
 figures/*.png and tables/*.csv (a CSV copy of every table), each file atomically. Sections with

@@ -30,6 +30,7 @@ def build(study: Study, resamples: int, seed: int) -> list[Section]:
                 cost_section(study),
                 repeats_section(study),
                 significance_section(study, significance),
+                backbone_section(study),
                 sweep_section(study),
                 curves_section(study),
                 per_class_section(study),
@@ -274,6 +275,23 @@ def missing_section(study: Study) -> Section | None:
         items.append(f"no wall_seconds: {', '.join(untimed)}")
     items += study.notes
     return Section("What is missing", [items]) if items else None
+
+
+def backbone_section(study: Study) -> Section | None:
+    """The backbone, which pretrained weights it started from and where they came from, and
+    the stages each freeze spec trains (backbone.json)."""
+    backbone = study.backbone
+    if not backbone:
+        return None
+    source = backbone.get("weights") or {}
+    origin = "".join(f", {key} {source[key]}" for key in ("file", "sha256") if key in source)
+    lines = [f"Backbone {backbone.get('model')}; weights `{source.get('weights')}`: "
+             f"{source.get('description', 'not recorded')}{origin}."]
+    stages = pd.DataFrame(backbone.get("stages") or [])
+    if not stages.empty:
+        lines += ["What each freeze spec trains (the rest stays frozen):",
+                  Table("freeze_specs", stages, format_frame(stages))]
+    return Section("Backbone and pretrained weights", lines)
 
 
 def environment_section(study: Study) -> Section:

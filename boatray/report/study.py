@@ -23,6 +23,7 @@ from boatray.run_state import read_state
 
 TRIALS = "trials.parquet"
 EXPERIMENT = "experiment.json"
+BACKBONE = "backbone.json"
 APPROACH_NAMES = {"finetune": "fine-tune", "svm": "SVM (RBF) on features",
                   "probe": "linear probe on features", "baseline": "BetterCNN from scratch"}
 
@@ -90,6 +91,7 @@ class Study:
     experiment: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     state: dict[str, Any] | None = None  # run_state.json: running, interrupted or finished
+    backbone: dict[str, Any] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -118,7 +120,8 @@ def load_study(results_dir: str | Path) -> Study:
         raise BoatrayError(f"no runs under {root} (a run folder holds predictions.parquet and "
                            "run.json)")
     return Study(root, _configurations(runs, notes), _trials(root, notes),
-                 _experiment(root, notes), notes, read_state(root))
+                 _json(root / EXPERIMENT, "the config comes from run.json", notes), notes,
+                 read_state(root), _json(root / BACKBONE, "no backbone section", notes))
 
 
 def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
@@ -208,12 +211,11 @@ def _trials(root: Path, notes: list[str]) -> pd.DataFrame | None:
     return trials
 
 
-def _experiment(root: Path, notes: list[str]) -> dict[str, Any] | None:
-    path = root / EXPERIMENT
+def _json(path: Path, otherwise: str, notes: list[str]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except ValueError:
-        notes.append(f"{EXPERIMENT}: not valid JSON; the config comes from run.json")
+        notes.append(f"{path.name}: not valid JSON; {otherwise}")
         return None
