@@ -223,7 +223,7 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
         return any(path.parent.name not in finished
                    for path in train_dir.glob("*/checkpoint_epoch_0001"))
 
-    points = [("the cache build", lambda: log_has("[cache] freeze=fc seed=0: computing")()),
+    points = [("the cache build", lambda: log_has("[cache] freeze=head seed=0: computing")()),
               ("a trial's first epoch", mid_trial),
               ("a finished trial", lambda: log_has(" done after ")()),
               ("the features stage", lambda: log_has("[boatray] features + SVM: starting")()),
