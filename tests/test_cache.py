@@ -1,6 +1,6 @@
 """The frozen-prefix cache: when it is used, its key, exactness, reuse, and its checkpoints.
 
-The training runs are in-process (Ray Train's local mode, `train.num_workers=0`) on a tiny
+The training runs are in-process (`train.num_workers=0`: sessions.LocalSession) on a tiny
 generated set, so they cost seconds; the caches are computed by the Ray Data pipeline on the
 shared test Ray instance; one run with 2 DDP workers proves the cached path under Ray Train.
 """
@@ -36,7 +36,7 @@ def manifest(tmp_path_factory) -> Path:
 
 
 def settings(storage: Path, **train_settings) -> dict:
-    """An in-process run (local mode) of resnet18 with random weights, SGD, 2 epochs."""
+    """An in-process run (num_workers 0) of resnet18 with random weights, SGD, 2 epochs."""
     return {"name": "cache", "storage_path": str(storage), "seed": 0,
             "data": {"image_size": SIZE},
             "model": {"name": "resnet18", "weights": "none"},

@@ -174,20 +174,26 @@ def worker_measuring_replica_spread(config: dict) -> None:
     and buffers seen so far (`replica_spread`; 0 while DDP keeps the replicas identical)."""
     import torch.distributed as dist
 
+    from boatray import sessions
     from boatray import train as loop
 
-    report, worst = loop._report, [0.0]
+    class Measuring(sessions.WorkerSession):
+        worst, module = 0.0, None
 
-    def measured(metrics, rank, module, *rest):
-        state = torch.cat([t.detach().double().flatten() for t in module.state_dict().values()
-                           if t.is_floating_point()])
-        copies = [torch.empty_like(state) for _ in range(dist.get_world_size())]
-        dist.all_gather(copies, state)
-        worst[0] = max(worst[0], *(float((c - state).abs().max()) for c in copies))
-        report({**metrics, "replica_spread": worst[0]}, rank, module, *rest)
+        def wrap(self, module):
+            self.module = module
+            return super().wrap(module)
 
-    loop._report = measured
-    loop.train_loop_per_worker(config)
+        def report(self, metrics, write):
+            state = torch.cat([t.detach().double().flatten()
+                               for t in self.module.state_dict().values()
+                               if t.is_floating_point()])
+            copies = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+            dist.all_gather(copies, state)
+            self.worst = max(self.worst, *(float((c - state).abs().max()) for c in copies))
+            super().report({**metrics, "replica_spread": self.worst}, write)
+
+    loop.train_loop(config, Measuring())
 
 
 @pytest.fixture(scope="module")
