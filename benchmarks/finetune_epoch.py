@@ -173,6 +173,7 @@ def experiment(args: argparse.Namespace, weights_file: Path, freeze: str, cache:
     """The experiment dict of one boatray run (config defaults for everything not set here);
     each run has its own results folder under `storage`, so no run reuses another's cache."""
     settings = {"name": f"{freeze}-cache-{'on' if cache else 'off'}",
+                # a scratch folder per measured run: the benchmark leaves nothing behind
                 "storage_path": str(storage),
                 "features": {"use_gpu": device.type == "cuda"},
                 "model": {"name": args.model, "weights": str(weights_file)},

@@ -7,8 +7,10 @@ the machine.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+from dataclasses import dataclass, field
 
 import ray
 
@@ -54,3 +56,62 @@ def start_ray(address: str | None = None, **kwargs) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BoatrayError(f"Ray could not start or join {address!r}: {first}") from None
+
+
+@dataclass
+class Capacity:
+    """What the cluster offers: its live nodes, and the node types its autoscaler can add."""
+
+    nodes: list[dict[str, float]]
+    node_types: list[tuple[dict[str, float], int]] = field(default_factory=list)  # (shape, max)
+
+    def shapes(self) -> list[dict[str, float]]:
+        """Every node shape a request could be placed on, now or after scaling up."""
+        return self.nodes + [shape for shape, _ in self.node_types]
+
+    def fits(self, request: dict[str, float]) -> bool:
+        """Whether one node (live or addable) can hold `request`."""
+        return any(_holds(shape, request) for shape in self.shapes())
+
+    def largest(self, resource: str) -> float:
+        """The most of `resource` on one node, live or addable."""
+        return max((shape.get(resource, 0.0) for shape in self.shapes()), default=0.0)
+
+    def slots(self, request: dict[str, float]) -> float:
+        """How many copies of `request` the cluster can hold at once (inf: the autoscaler has
+        no limit)."""
+        count = float(sum(_copies(shape, request) for shape in self.nodes))
+        for shape, most in self.node_types:
+            count += math.inf if most < 0 and _copies(shape, request) else \
+                _copies(shape, request) * max(most, 0)
+        return count
+
+    def gpus_now(self) -> int:
+        """GPUs on the live nodes."""
+        return int(sum(shape.get("GPU", 0.0) for shape in self.nodes))
+
+
+def _holds(shape: dict[str, float], request: dict[str, float]) -> bool:
+    return all(shape.get(key, 0.0) >= amount for key, amount in request.items() if amount)
+
+
+def _copies(shape: dict[str, float], request: dict[str, float]) -> int:
+    wanted = {key: amount for key, amount in request.items() if amount}
+    return int(min((shape.get(key, 0.0) // amount for key, amount in wanted.items()),
+                   default=0))
+
+
+def cluster_capacity() -> Capacity:
+    """The connected cluster's live nodes and, where an autoscaler reported its config (Ray's
+    own record, as Ray Data reads it), the node types it can still add."""
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an older or unusual GCS: plan with the live nodes only
+        config = None
+    types = [] if config is None else [
+        (dict(group.resources), group.max_count) for group in config.node_group_configs
+        if group.max_count != 0 and group.resources]
+    return Capacity(nodes, types)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import types
 import typing
@@ -21,6 +22,9 @@ import yaml
 from boatray.errors import BoatrayError
 
 FREEZE_SPECS = ("fc", "layer4", "layer3", "layer2", "layer1", "all", "gradual")
+DEVICES = (False, True, "auto")  # use_gpu: CPUs, GPUs, or GPUs where the cluster has or adds them
+JOB_RESULTS_BASE = Path("~/boatray")
+"""Where a Ray job's relative storage_path lands: its working directory is a temporary copy."""
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "bettercnn")
 
 
@@ -92,7 +96,7 @@ class TrainConfig:
     cache_min_speedup: float = _opt(1.5, min=1.0)  # by FLOPs; else the cache is skipped
     seed: int = 0
     num_workers: int = _opt(1, min=0)
-    use_gpu: bool = False
+    use_gpu: bool | str = _opt(False, choices=DEVICES)
     cpus_per_worker: float = _opt(1.0, min=0.0)
     loader_workers: int = _opt(2, min=0)
     max_failures: int = _opt(1, min=0)
@@ -149,7 +153,7 @@ class FeaturesConfig:
     num_actors: int | None = _opt(None, min=1)
     cpus_per_actor: float = _opt(1.0, min=0.0)
     threads_per_actor: int | None = _opt(None, min=1)  # None: the node's cores / actors
-    use_gpu: bool = False
+    use_gpu: bool | str = _opt(False, choices=DEVICES)
     stage: str = _opt("pool", choices=("stem", "layer1", "layer2", "layer3", "layer4", "pool"))
     dtype: str = _opt("float32", choices=("float32", "float16"))
     amp: bool = True  # bf16 autocast on GPU
@@ -235,15 +239,57 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Load an experiment from YAML (None: the built-in smoke preset) plus `a.b=value` overrides."""
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+         data: str | None = None, base: Path | None = None) -> Experiment:
+    """Load an experiment from YAML (None: the built-in smoke preset) plus `a.b=value` overrides
+    and a data source; every local path in it is made absolute here (`absolute_paths`)."""
     raw = _read_yaml(Path(path) if path is not None else preset_path("smoke"))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise BoatrayError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
-    return from_dict(raw)
+    if data:
+        _set_dotted(raw, "data.source", data)
+    return absolute_paths(from_dict(raw), base)
+
+
+def results_base() -> Path:
+    """What a relative storage_path is relative to: the working directory, or for the driver of
+    a Ray job (whose working directory is a copy Ray deletes) JOB_RESULTS_BASE."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        return JOB_RESULTS_BASE.expanduser()
+    return Path.cwd()
+
+
+def absolute_paths(exp: Experiment, base: Path | None = None) -> Experiment:
+    """`exp` with storage_path, data.source and a model.weights file made absolute, so that no
+    process (Tune trials and Train workers change their working directory) depends on its own.
+
+    A relative storage_path is taken relative to `base` (default: `results_base()`)."""
+    storage = exp.storage_path
+    if "://" not in storage and base is not None:
+        storage = str(base / storage)
+    elif "://" not in storage:
+        storage = str((results_base() / Path(storage).expanduser()).resolve())
+    source = exp.data.source and str(Path(exp.data.source).expanduser().resolve())
+    weights = exp.model.weights
+    if _is_file_path(weights):
+        weights = str(Path(weights).expanduser().resolve())
+    return dataclasses.replace(
+        exp, storage_path=storage, data=dataclasses.replace(exp.data, source=source),
+        model=dataclasses.replace(exp.model, weights=weights))
+
+
+def absolute_path(text: str) -> Path:
+    """A path from the command line, made absolute (an argparse `type`)."""
+    return Path(text).expanduser().resolve()
+
+
+def _is_file_path(weights: str) -> bool:
+    """Whether model.weights names a file rather than `none` or a torchvision weights name."""
+    return ("/" in weights or weights.startswith("~") or weights.endswith((".pt", ".pth"))
+            or Path(weights).is_file())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,12 +303,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "ImageFolder tree (overrides data.source)")
 
 
-def from_arguments(args: argparse.Namespace, overrides: list[str] | None = None) -> Experiment:
-    """The validated experiment of a command line made with `add_arguments`."""
-    exp = load(args.config, args.overrides if overrides is None else overrides)
-    if args.data:
-        exp.data.source = args.data
-    return exp
+def from_arguments(args: argparse.Namespace, overrides: list[str] | None = None,
+                   base: Path | None = None) -> Experiment:
+    """The validated experiment of a command line made with `add_arguments` (`base`: see
+    `absolute_paths`)."""
+    return load(args.config, args.overrides if overrides is None else overrides, args.data, base)
 
 
 def from_dict(raw: dict) -> Experiment:
@@ -368,10 +413,16 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     raise BoatrayError(f"{key} must be {_type_name(hint)}, got {value!r}")
 
 
+def _shown(choice: Any) -> str:
+    """A choice as it is written in YAML."""
+    return "null" if choice is None else str(choice).lower() if isinstance(choice, bool) else str(
+        choice)
+
+
 def _check(key: str, value: Any, meta: typing.Mapping) -> Any:
     choices, each = meta.get("choices"), meta.get("each_choices")
     if choices is not None and value not in choices:
-        allowed = ", ".join("null" if c is None else str(c) for c in choices)
+        allowed = ", ".join(_shown(c) for c in choices)
         raise BoatrayError(f"{key} must be one of {allowed}; got {value!r}")
     for item in value if each is not None else ():
         if item not in each:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from boatray import config as config_module
-from boatray import models
+from boatray import models, preflight
 from boatray.cluster import start_ray
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
 from boatray.data.images import decode, normalize, to_chw
@@ -363,9 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m boatray.features",
         description="Extract backbone features of every manifest image with Ray Data.")
     config_module.add_arguments(parser)
-    parser.add_argument("--manifest", help="manifest.parquet (default: the experiment's, "
-                                           "prepared when needed)")
-    parser.add_argument("--out", help="output features.parquet (default: "
+    parser.add_argument("--manifest", type=config_module.absolute_path,
+                        help="manifest.parquet (default: the experiment's, prepared when needed)")
+    parser.add_argument("--out", type=config_module.absolute_path,
+                        help="output features.parquet (default: "
                                       "results/<experiment>/features/features.parquet)")
     return parser
 
@@ -375,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m boatray.features [--config F] [--set k=v] [--data D] [--manifest P] [--out P]`."""
     args = build_parser().parse_args(argv)
     exp = config_module.from_arguments(args)
-    manifest = args.manifest or ensure_manifest(exp)
     out = args.out or exp.results_dir / "features" / "features.parquet"
-    extract_for(exp, manifest, out)
+    print(f"results: {out.parent}", flush=True)
+    start_ray()
+    exp, _ = preflight.check(exp)
+    extract_for(exp, args.manifest or ensure_manifest(exp), out)
+    print(f"results: {out.parent}", flush=True)
     return 0
 
 

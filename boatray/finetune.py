@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from boatray import config as config_module
-from boatray import predict, train
+from boatray import predict, preflight, train
 from boatray.cluster import start_ray
 from boatray.config import Experiment, TrainConfig, from_dict
 from boatray.errors import BoatrayError, cli
@@ -137,13 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exp = config_module.from_arguments(args)
     approach = "baseline" if args.baseline else "finetune"
-    manifest = ensure_manifest(exp)
     start_ray()
-    trained = baseline_experiment(exp) if args.baseline else exp
+    trained, _ = preflight.check(baseline_experiment(exp) if args.baseline else exp)
+    manifest = ensure_manifest(exp)
     run_dir = exp.results_dir / RUNS_DIR / (args.name or default_run_name(trained, approach))
-    print(f"{approach}: training {trained.model.name} into {run_dir}", flush=True)
+    print(f"results: {run_dir}", flush=True)
+    print(f"{approach}: training {trained.model.name}", flush=True)
     run(trained, manifest, run_dir, approach)
-    print(f"{approach}: wrote {run_dir / 'predictions.parquet'} and {run_dir / 'run.json'}")
+    print(f"{approach}: wrote predictions.parquet and run.json", flush=True)
+    print(f"results: {run_dir}", flush=True)
     return 0
 
 

@@ -20,6 +20,7 @@ import functools
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -121,6 +122,25 @@ def build(name: str, weights: str | None = "none", num_classes: int = 16,
         load_weights(model, file, name)
         return model
     return _REGISTRY[name](num_classes, pooling, _torchvision_weights(name, weights))
+
+
+def fetch_weights(name: str, weights: str) -> None:
+    """Make torchvision weights of `name` available before a run starts: found in torch's hub
+    cache, or downloaded there once. Without internet, one line names the ways out."""
+    if weights.lower() == "none" or Path(weights).expanduser().is_file():
+        return
+    found = _torchvision_weights(name, weights)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(found.url).path).name
+    if cached.is_file():
+        return
+    try:
+        torch.hub.load_state_dict_from_url(found.url, progress=False, check_hash=True)
+    except (OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BoatrayError(
+            f"cannot download the {weights} weights of {name} ({reason}): put {cached.name} in "
+            f"{cached.parent}, or --set model.weights=/path/to/state_dict.pt, or "
+            f"--set model.weights=none (random init)") from None
 
 
 def _torchvision_weights(name: str, weights: str) -> object:

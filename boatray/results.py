@@ -21,7 +21,7 @@ import os
 import platform
 import socket
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +34,30 @@ PREDICTIONS = "predictions.parquet"
 RUN_JSON = "run.json"
 PROBA_PREFIX = "proba::"
 APPROACHES = ("finetune", "svm", "probe", "baseline")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: results files get the modes that open() would give them
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes to `path` through a temporary file in the same folder and a rename."""
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
+    """Call `write(temporary_path)`, then rename the file to `path`: readers never see half a
+    file. The file gets the mode the umask gives (mkstemp alone would make it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes to `path` atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -58,17 +67,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
     """Write a DataFrame to parquet atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def predictions_frame(paths: Iterable[str], splits: Iterable[str] | str, y_true: Iterable[int],

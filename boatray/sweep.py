@@ -26,10 +26,10 @@ from pathlib import Path
 import pandas as pd
 
 from boatray import config as config_module
-from boatray import features, finetune, report, storage, svm, tuning
+from boatray import features, finetune, models, preflight, report, storage, svm, tuning
 from boatray.cluster import start_ray
 from boatray.config import Experiment
-from boatray.data.manifest import ensure_manifest
+from boatray.data.manifest import ensure_manifest, read_manifest
 from boatray.errors import BoatrayError, cli
 from boatray.results import RUN_JSON, atomic_write_text
 
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_module.add_arguments(parser)
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted run without repeating finished work")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, the data and the cluster's resources, print "
+                             "the plan (stages, trials x epochs, resources, results folder, "
+                             "estimated compute) and exit without training")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
                                           "new private local instance)")
     return parser
@@ -172,18 +176,45 @@ def main(argv: list[str] | None = None) -> int:
         print("[boatray] no --config: running the built-in smoke experiment on GENERATED "
               "(synthetic) boat images, not MarDCT; its numbers say nothing about the real "
               "data. Use --config ray_jobs/lab6.yaml --data DIR for the study.", flush=True)
+    print(f"[boatray] results: {results_location(exp)}", flush=True)
+    if args.dry_run:
+        return dry_run(exp, args)
     check_results_dir(exp, args.resume)
     started = time.monotonic()
     start_ray(args.address)
+    run_exp, _ = preflight.check(exp)
     manifest = ensure_manifest(exp)
     atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
-    failures = run_stages(exp, manifest, args.resume)
-    report_path = stage_report(exp)
+    failures = run_stages(run_exp, manifest, args.resume)
+    report_path = stage_report(run_exp)
     storage.mirror_up(exp)
     print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min; report: "
           f"{report_path}", flush=True)
+    print(f"[boatray] results: {results_location(exp)}", flush=True)
     if failures:
         raise BoatrayError("; ".join(failures))
+    return 0
+
+
+def results_location(exp: Experiment) -> str:
+    """results/<experiment>/ as the user finds it: a local folder or a storage URI."""
+    return exp.storage_uri if exp.remote_storage else str(exp.results_dir)
+
+
+def dry_run(exp: Experiment, args: argparse.Namespace) -> int:
+    """Validate the config, the data and the cluster's resources; print the plan; train
+    nothing."""
+    try:
+        check_results_dir(exp, args.resume)
+    except BoatrayError as exc:
+        print(f"[plan] note: {exc}", flush=True)
+    start_ray(args.address)
+    run_exp, capacity = preflight.check(exp, weights=False)
+    frame, _ = read_manifest(ensure_manifest(exp))
+    for line in preflight.plan(run_exp, frame, capacity):
+        print(f"[plan] {line}", flush=True)
+    print("[plan] dry run: nothing was trained", flush=True)
+    models.fetch_weights(exp.model.name, exp.model.weights)  # the run would stop here
     return 0
 
 

@@ -115,15 +115,15 @@ def ray_executable() -> str:
 
 
 def results_location(exp: Experiment) -> str:
-    """Where the job writes results/<experiment>/, said for a person."""
+    """Where the job writes results/<experiment>/ and how to fetch it, said for a person.
+
+    `exp` is loaded as the job loads it: a relative storage_path under JOB_RESULTS_BASE of the
+    node that runs the job's driver (the head node by default)."""
     where = f"{exp.storage_path.rstrip('/')}/{exp.name}"
     if "://" in exp.storage_path:
-        return where
-    if Path(exp.storage_path).is_absolute():
-        return f"{where} on the node that runs the job's driver (the head node by default)"
-    return (f"{where} inside the job's working directory on the head node, which Ray deletes "
-            "with its session: for results that outlive the cluster, pass --cluster "
-            "cluster.yaml or --set storage_path=s3://BUCKET/PREFIX")
+        return f"{where} (fetch: aws s3 sync {where} ./{exp.name} , or your storage's client)"
+    return (f"{where} on the node that runs the job's driver, the head node by default "
+            f"(fetch: ray rsync-down cluster.yaml {where} ./{exp.name})")
 
 
 @cli
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = experiment_overrides(args)
     sweep_args = sweep_arguments(args, overrides)
-    exp = config_module.from_arguments(args, overrides)
+    exp = config_module.from_arguments(args, overrides, base=config_module.JOB_RESULTS_BASE)
     submission_id = args.submission_id or f"boatray-{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = submit_command(sweep_args, submission_id, args.address, args.no_wait)
     print(f"[submit] results: {results_location(exp)}", flush=True)

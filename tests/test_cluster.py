@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
+import pandas as pd
 import pytest
 import yaml
 
@@ -145,12 +146,16 @@ def test_submit_builds_the_readme_command():
             "boatray.sweep --config ray_jobs/lab6.yaml") in readme
 
 
-def test_submit_says_where_results_land():
-    from boatray.config import load
+def test_submit_says_where_results_land_and_how_to_fetch_them():
+    from boatray.config import JOB_RESULTS_BASE, load
 
-    assert submit.results_location(load(None, ["storage_path=s3://b/p/"])) == "s3://b/p/smoke"
-    assert "head node" in submit.results_location(load(None, ["storage_path=/shared"]))
-    assert "deletes" in submit.results_location(load(None, []))
+    def where(*overrides: str) -> str:
+        return submit.results_location(load(None, list(overrides), base=JOB_RESULTS_BASE))
+
+    assert where("storage_path=s3://b/p/").startswith("s3://b/p/smoke (fetch: aws s3 sync ")
+    assert where("storage_path=/shared").startswith("/shared/smoke on the node that runs")
+    assert where().startswith("~/boatray/results/smoke on the node")
+    assert "ray rsync-down cluster.yaml ~/boatray/results/smoke ./smoke" in where()
 
 
 def test_submit_refuses_bad_input_before_submitting(monkeypatch, capsys, tmp_path):
@@ -267,22 +272,26 @@ def test_two_workers_train_on_two_nodes(private_ray_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_smoke_experiment(private_ray_env, tmp_path):
+def test_ray_job_submit_runs_the_readme_job_and_its_results_outlive_it(private_ray_env,
+                                                                       tmp_path):
+    home = tmp_path / "home"  # the head node's home, where a job's relative results land
+    home.mkdir()
+    private_ray_env["HOME"] = str(home)
     log = tmp_path / "job.log"
     address, job = start_head(private_ray_env, log), "boatray-smoke-ci"
     with pytest.raises(urllib.error.HTTPError) as refused:  # token auth is on
         urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
     assert refused.value.code in (401, 403)
-    storage = tmp_path / "storage"
-    # The smoke experiment, cut to one trial: tests/test_sweep.py runs the full grid.
+    # The README's job command as written, with only the address of this private head added.
     submitted = run_logged(
-        [sys.executable, "ray_jobs/submit.py", "--address", address, "--submission-id", job,
-         "--set", f"storage_path={storage}", "--set", "sweep.freeze=[fc]",
-         "--set", "sweep.lr=[0.001]"],
-        private_ray_env, log, timeout=1200)
+        [submit.ray_executable(), "job", "submit", "--address", address, "--submission-id", job,
+         "--working-dir", ".", "--", "python", "-m", "boatray.sweep"],
+        private_ray_env, log, timeout=1500)
     status = job_status(address, job, private_ray_env["RAY_AUTH_TOKEN"])
     output = log.read_text()
     assert submitted == 0 and status == "SUCCEEDED", f"{status}\n{output[-8000:]}"
-    assert f"[submit] results: {storage}/smoke" in output
-    assert list((storage / "smoke").rglob("report.html"))
-    assert (storage / "smoke" / "trials.parquet").is_file()
+    results = home / "boatray" / "results" / "smoke"
+    assert f"[boatray] results: {results}" in output
+    stop_processes_of(private_ray_env["RAY_TMPDIR"])  # the job and the Ray instance are gone
+    assert (results / "report" / "report.html").is_file()
+    assert pd.read_parquet(results / "trials.parquet")["trial_id"].nunique() == 4

@@ -76,3 +76,28 @@ def test_bad_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(BoatrayError, match="top level must be a mapping"):
         config.load(bad)
+
+
+def test_local_paths_are_made_absolute_at_the_door(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").touch()
+    exp = config.load(None, ["model.weights=w.pt"], data="data/mardct")
+    assert exp.storage_path == str(tmp_path / "results")
+    assert exp.results_dir == tmp_path / "results" / "smoke"
+    assert exp.data.source == str(tmp_path / "data" / "mardct")
+    assert exp.model.weights == str(tmp_path / "w.pt")
+    assert config.load(None, ["storage_path=s3://b/p"]).storage_path == "s3://b/p"
+    assert config.load(None, ["model.weights=IMAGENET1K_V1"]).model.weights == "IMAGENET1K_V1"
+
+
+def test_a_ray_jobs_relative_results_land_outside_its_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert config.load().results_dir == tmp_path / "boatray" / "results" / "smoke"
+
+
+def test_use_gpu_is_true_false_or_auto():
+    assert config.load(None, ["train.use_gpu=auto"]).train.use_gpu == "auto"
+    assert config.load(None, ["features.use_gpu=true"]).features.use_gpu is True
+    with pytest.raises(BoatrayError, match="train.use_gpu must be one of false, true, auto"):
+        config.load(None, ["train.use_gpu=maybe"])

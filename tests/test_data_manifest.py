@@ -71,6 +71,7 @@ def test_stratified_valid_split_rules():
 
 
 def test_ensure_manifest_generates_then_reuses(tmp_path, capsys):
+    # the manifest lands under storage_path: this test's own folder, not the working directory
     overrides = [f"storage_path={tmp_path}", "data.synthetic.classes=2",
                  "data.synthetic.train_per_class=4", "data.synthetic.test_per_class=1",
                  "data.synthetic.image_size=[8, 24]"]
@@ -157,3 +158,14 @@ def test_cli_prepare_and_one_line_errors(tree, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_prepared_folder_is_a_data_source(tree, tmp_path, capsys):
+    prepared = prepare(tree, tmp_path / "prepared")
+    # the experiment's results go to this test's own folder, not the working directory
+    exp = config.load(None, [f"storage_path={tmp_path / 'results'}"], data=str(prepared.parent))
+    used = ensure_manifest(exp)
+    assert used == tmp_path / "results" / "smoke" / "data" / "manifest.parquet"
+    pd.testing.assert_frame_equal(read_manifest(used)[0], read_manifest(prepared)[0])
+    assert f"the manifest prepared in {prepared.parent}, as prepared" in capsys.readouterr().out
+    assert ensure_manifest(exp) == used  # reused while the prepared manifest is unchanged

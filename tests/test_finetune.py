@@ -45,6 +45,7 @@ def manifest(tree, tmp_path_factory) -> Path:
 
 def experiment(storage: Path, **train_settings) -> dict:
     """A small 2-worker experiment on CPU (gloo) as a config dict."""
+    # library calls, not the CLI: each test keeps its results in its own tmp folder
     return {"name": "tiny", "storage_path": str(storage), "seed": 0,
             "data": {"image_size": SMALL, "valid_fraction": 0.25},
             "model": {"name": "resnet18", "weights": "none"},
@@ -340,7 +341,7 @@ def test_tune_retries_a_killed_trial_from_its_last_checkpoint(ray_local, manifes
             tune.with_resources(tune.with_parameters(
                 crashing_trial, loop=loop, marker=str(tmp_path / "crashed")),
                 train.trial_resources(exp.train)),
-            run_config=tune.RunConfig(
+            run_config=tune.RunConfig(  # Tune wants an absolute path; tmp_path is one
                 name="retried", storage_path=str(tmp_path), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=exp.train.max_failures))).fit()[0]
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,32 +20,62 @@ from boatray.results import PROBA_PREFIX, find_runs, read_run
 pytestmark = pytest.mark.slow
 
 
+REPO = Path(__file__).resolve().parents[1]
+README_JOB = [sys.executable, "-m", "boatray.sweep"]  # the README's main job, verbatim
+
+
 def sweep_command(storage: Path, *overrides: str) -> list[str]:
-    args = [sys.executable, "-m", "boatray.sweep", "--set", f"storage_path={storage}"]
+    """The main job with its own storage_path: for tests that need a results folder of their
+    own beside the shared smoke run's (the README's job itself runs in `smoke_run`)."""
+    args = [*README_JOB, "--set", f"storage_path={storage}"]
     for item in overrides:
         args += ["--set", item]
     return args
 
 
-def local_env() -> dict[str, str]:
-    """Run the sweep on its own local Ray instance, whatever else runs on this machine."""
-    return {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+def user_env() -> dict[str, str]:
+    """A user's environment: no RAY_ADDRESS, so the sweep starts its own local Ray instance."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def repository_copy(target: Path) -> Path:
+    """The repository's files (no venv, git data or results) copied to `target`."""
+    shutil.copytree(REPO, target, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "results", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"))
+    return target
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[Path, str]:
-    """`python -m boatray.sweep` with no config: the built-in smoke experiment, run once."""
-    storage = tmp_path_factory.mktemp("smoke")
-    done = subprocess.run(sweep_command(storage), env=local_env(), capture_output=True,
-                          text=True, timeout=1200)
+    """The README's main job as written: `python -m boatray.sweep`, no arguments, from a fresh
+    copy of the repository as the working directory; run once for every test here."""
+    copy = repository_copy(tmp_path_factory.mktemp("user") / "boatray")
+    done = subprocess.run(README_JOB, cwd=copy, env=user_env(), capture_output=True, text=True,
+                          timeout=1500)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
-    return storage / "smoke", log
+    return copy / "results" / "smoke", log
 
 
 def test_smoke_says_its_data_is_synthetic(smoke_run):
     _, log = smoke_run
     assert "GENERATED (synthetic)" in log
+
+
+def test_smoke_says_where_results_are_at_start_and_end(smoke_run):
+    results, log = smoke_run
+    lines = [line for line in log.splitlines() if line.startswith("[boatray] results: ")]
+    assert lines == [f"[boatray] results: {results}"] * 2
+
+
+def test_results_files_follow_the_umask(smoke_run):
+    results, _ = smoke_run
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("report/report.html", "trials.parquet", "experiment.json"):
+        assert (results / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_smoke_trials_table_has_every_trial(smoke_run):
@@ -79,8 +110,8 @@ def test_smoke_writes_every_approach_and_the_report(smoke_run):
 
 def test_existing_results_need_resume(smoke_run):
     results, _ = smoke_run
-    done = subprocess.run(sweep_command(results.parent), env=local_env(), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(README_JOB, cwd=results.parents[1], env=user_env(),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "--resume" in done.stderr
@@ -108,7 +139,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
     tune_dir = tmp_path / "smoke" / tuning.TUNE_DIR
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log:
-        first = subprocess.Popen(sweep_command(tmp_path, *overrides), env=local_env(),
+        first = subprocess.Popen(sweep_command(tmp_path, *overrides), env=user_env(),
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 600
         while not saved_finished_trials(tune_dir):
@@ -118,7 +149,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
         finished_first = saved_finished_trials(tune_dir)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    second = subprocess.run([*sweep_command(tmp_path, *overrides), "--resume"], env=local_env(),
+    second = subprocess.run([*sweep_command(tmp_path, *overrides), "--resume"], env=user_env(),
                             capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
     rerun = {line.split(" trial ")[1].split()[0]
@@ -142,7 +173,7 @@ def test_selection_uses_the_mean_over_repeats():
 
 
 def test_bad_config_key_is_one_line(tmp_path):
-    done = subprocess.run(sweep_command(tmp_path, "train.lrr=1"), env=local_env(),
+    done = subprocess.run(sweep_command(tmp_path, "train.lrr=1"), env=user_env(),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1

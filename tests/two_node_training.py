@@ -31,6 +31,7 @@ from boatray.data.manifest import ensure_manifest
 def experiment(storage: str):
     """A tiny fine-tuning run: resnet18 from scratch, generated images, 2 workers, 1 epoch."""
     return from_dict({
+        # the shared storage a two-node cluster needs (absolute, as on a real cluster)
         "name": "two-node", "storage_path": storage,
         "data": {"source": None, "image_size": [32, 96], "valid_fraction": 0.25,
                  "synthetic": {"classes": 3, "train_per_class": 8, "test_per_class": 4,

@@ -94,25 +94,37 @@ def read_manifest(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
 def ensure_manifest(exp: Experiment) -> Path:
     """The experiment's manifest under results/<experiment>/data/, made only when needed.
 
-    With `data.source` null, a synthetic set is generated there first. A manifest made from
+    With `data.source` null, a synthetic set is generated there first. A source folder that
+    `prepare --out` wrote (it holds manifest.parquet) is used as prepared. A manifest made from
     the same inputs (source, protocol, valid fraction, seed, synthetic settings) is reused.
     """
     data_dir = exp.results_dir / "data"
     source = exp.data.source
+    prepared = Path(source) / MANIFEST if source else None
+    if prepared is not None and not prepared.is_file():
+        prepared = None
     inputs = {"source": str(Path(source).expanduser().resolve()) if source else None,
               "protocol": exp.data.protocol, "valid_fraction": exp.data.valid_fraction,
               "seed": exp.seed,
-              "synthetic": None if source else to_dict(exp.data.synthetic)}
+              "synthetic": None if source else to_dict(exp.data.synthetic),
+              "prepared": prepared and prepared.stat().st_mtime_ns}
     manifest, stamp = data_dir / MANIFEST, data_dir / INPUTS
     if _still_valid(manifest, stamp, inputs):
         print(f"data: reusing {manifest} (same inputs)")
         return manifest
     stamp.unlink(missing_ok=True)
-    if source is None:
-        tree = synthetic.generate(data_dir / "synthetic", exp.data.synthetic, exp.seed)
-        print(f"data: SYNTHETIC images generated in {tree} (data.source is null)")
-        source = tree
-    path = prepare(source, data_dir, exp.data.protocol, exp.data.valid_fraction, exp.seed)
+    if prepared is not None:
+        frame, classes = read_manifest(prepared)
+        path = atomic_write_parquet(manifest, frame)
+        print(f"data: the manifest prepared in {source}, as prepared (data.protocol and "
+              f"data.valid_fraction apply to raw sources only): {len(classes)} training "
+              f"classes\n{count_table(frame)}")
+    else:
+        if source is None:
+            tree = synthetic.generate(data_dir / "synthetic", exp.data.synthetic, exp.seed)
+            print(f"data: SYNTHETIC images generated in {tree} (data.source is null)")
+            source = tree
+        path = prepare(source, data_dir, exp.data.protocol, exp.data.valid_fraction, exp.seed)
     atomic_write_text(stamp, json.dumps(inputs, indent=2) + "\n")
     return path
 

@@ -1,0 +1,203 @@
+"""Before anything starts: `use_gpu: auto` resolved, every resource request checked against
+what the cluster has or its autoscaler can add, the weights reachable, and the plan of a run.
+
+A request that can never be met stops the run in one line naming the `--set` that fixes it,
+instead of Ray waiting for resources that cannot come.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from boatray import models
+from boatray.cluster import Capacity, cluster_capacity
+from boatray.config import Experiment
+from boatray.errors import BoatrayError
+
+
+@dataclass
+class Request:
+    """One kind of process a stage starts: what it is, its config section, its resources."""
+
+    what: str
+    section: str
+    key: str  # the setting to change where the request cannot be met
+    resources: dict[str, float]
+
+    @property
+    def gpu(self) -> bool:
+        return self.resources.get("GPU", 0.0) > 0
+
+
+def check(exp: Experiment, weights: bool = True) -> tuple[Experiment, Capacity]:
+    """The run's experiment with devices resolved and concurrency capped, once the cluster
+    (Ray must be started) can meet every request and (with `weights`) the pretrained weights
+    can be had; each decision printed in one line."""
+    capacity = cluster_capacity()
+    exp, devices = resolve_devices(exp, capacity)
+    exp, capped = check_resources(exp, capacity)
+    for line in devices + capped:
+        print(f"[boatray] {line}", flush=True)
+    if weights:
+        models.fetch_weights(exp.model.name, exp.model.weights)
+    return exp, capacity
+
+
+def resolve_devices(exp: Experiment, capacity: Capacity) -> tuple[Experiment, list[str]]:
+    """`exp` with each `use_gpu: auto` made true or false, and a line saying which and why."""
+    has_gpu = capacity.largest("GPU") > 0
+    if capacity.gpus_now():
+        why = f"the cluster has {capacity.gpus_now()} GPU(s)"
+    elif has_gpu:
+        why = "the autoscaler can add GPU nodes"
+    else:
+        why = "no node has or can get a GPU"
+    lines = []
+    sections = {}
+    for section in ("train", "features"):
+        cfg = getattr(exp, section)
+        if cfg.use_gpu == "auto":
+            sections[section] = dataclasses.replace(cfg, use_gpu=has_gpu)
+            lines.append(f"{section}.use_gpu=auto: {'GPUs' if has_gpu else 'CPUs'}, as {why}")
+    return dataclasses.replace(exp, **sections), lines
+
+
+def worker_resources(exp: Experiment) -> dict[str, float]:
+    """What one training worker asks for."""
+    return {"CPU": exp.train.cpus_per_worker, "GPU": 1.0 if exp.train.use_gpu else 0.0}
+
+
+def requests(exp: Experiment) -> list[Request]:
+    """The process kinds the enabled stages start (extraction also builds prefix caches)."""
+    feats = exp.features
+    found = [Request("extraction actor", "features", "features.cpus_per_actor",
+                     {"CPU": feats.cpus_per_actor, "GPU": 1.0 if feats.use_gpu else 0.0})]
+    found.append(Request("training worker", "train", "train.cpus_per_worker",
+                         worker_resources(exp)))
+    if exp.sweep.enabled and exp.sweep.trial_resource:
+        found.append(Request("sweep trial", "sweep", "sweep.trial_resource",
+                             {exp.sweep.trial_resource: 1.0}))
+    return found
+
+
+def check_resources(exp: Experiment, capacity: Capacity) -> tuple[Experiment, list[str]]:
+    """Refuse requests no node can ever meet (one line with the fix); cap the sweep's
+    concurrency at what the cluster can hold at once. Returns `exp` and what was changed."""
+    for request in requests(exp):
+        _check_one(request, capacity)
+    worker = worker_resources(exp)
+    workers = capacity.slots(worker)
+    if workers < exp.train.num_workers:
+        raise BoatrayError(
+            f"train.num_workers={exp.train.num_workers}: the cluster holds at most "
+            f"{int(workers)} workers of {_shown(worker)} at once: "
+            f"--set train.num_workers={max(1, int(workers))}")
+    if not exp.sweep.enabled:
+        return exp, []
+    at_once = workers // max(1, exp.train.num_workers)
+    wanted = exp.sweep.max_concurrent_trials
+    if at_once >= wanted:
+        return exp, []
+    held = int(at_once)
+    sweep = dataclasses.replace(exp.sweep, max_concurrent_trials=held)
+    return dataclasses.replace(exp, sweep=sweep), [
+        f"sweep.max_concurrent_trials={wanted} -> {held}: the cluster holds {held} trial(s) of "
+        f"{exp.train.num_workers} x {_shown(worker)} at once"]
+
+
+def _check_one(request: Request, capacity: Capacity) -> None:
+    if request.gpu and capacity.largest("GPU") <= 0:
+        raise BoatrayError(f"{request.section}.use_gpu=true but no node has or can get a GPU: "
+                           f"--set {request.section}.use_gpu=auto")
+    if capacity.fits(request.resources):
+        return
+    custom = [key for key in request.resources if key not in ("CPU", "GPU")]
+    if custom:
+        raise BoatrayError(f"{request.key}={custom[0]}: no node has or can get the resource "
+                           f"{custom[0]!r}: --set {request.key}=null")
+    shapes = [s for s in capacity.shapes() if not request.gpu or s.get("GPU", 0.0) >= 1]
+    most = max((s.get("CPU", 0.0) for s in shapes), default=0.0)
+    gpu = " with a GPU" if request.gpu else ""
+    raise BoatrayError(
+        f"{request.key}={request.resources['CPU']:g}: no node{gpu} has or can get that many "
+        f"CPUs for one {request.what} (the largest offers {most:g}): "
+        f"--set {request.key}={most:g}")
+
+
+def _shown(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items() if v) + "}"
+
+
+def describe_capacity(capacity: Capacity) -> str:
+    """One line: the live nodes and what the autoscaler can add."""
+    cpus = sum(n.get("CPU", 0.0) for n in capacity.nodes)
+    gpus = capacity.gpus_now()
+    added = ", ".join(f"{_shown(shape)} x {'any' if most < 0 else most}"
+                      for shape, most in capacity.node_types) or "nothing"
+    return (f"{len(capacity.nodes)} node(s) with {cpus:g} CPUs and {gpus} GPUs; "
+            f"the autoscaler can add {added}")
+
+
+def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[str]:
+    """The dry run's plan: every stage, its work, what it asks for against what the cluster
+    offers, where the results land, and an estimated compute cost."""
+    counts = manifest["split"].value_counts()
+    train_images = int(counts.get("train", 0))
+    images = len(manifest)
+    classes = manifest["label"].nunique()
+    lines = [f"results: {exp.results_dir if not exp.remote_storage else exp.storage_uri}",
+             f"data: {exp.data.source or 'SYNTHETIC (generated)'}: {classes} classes, "
+             + ", ".join(f"{split} {int(counts.get(split, 0))}" for split in
+                         ("train", "valid", "test")) + " images",
+             f"cluster: {describe_capacity(capacity)}"]
+    flops = {}
+    network = models.build(exp.model.name, "none", classes, exp.model.pooling)
+    forward = models.forward_flops(network, exp.data.image_size)
+    worker = _shown(worker_resources(exp))
+    if exp.sweep.enabled:
+        trials = (len(exp.sweep.freeze) * len(exp.sweep.lr) * len(exp.sweep.scheduler)
+                  if exp.sweep.search == "grid" else exp.sweep.num_samples) * exp.sweep.repeats
+        epochs = trials * exp.train.epochs
+        flops["fine-tuning"] = 3 * forward * train_images * epochs
+        lines.append(
+            f"stage fine-tuning sweep: {trials} trials x {exp.train.epochs} epochs = {epochs} "
+            f"trial-epochs at most (ASHA stops some early), {exp.sweep.max_concurrent_trials} "
+            f"at a time, each {exp.train.num_workers} worker(s) x {worker}; "
+            f"{exp.model.name} at {_size(exp.data.image_size)}, weights {exp.model.weights}")
+    if exp.features.enabled:
+        flops["features"] = forward * images
+        grid = len(exp.svm.C) * len(exp.svm.gamma)
+        actor = _shown({"CPU": exp.features.cpus_per_actor,
+                        "GPU": 1.0 if exp.features.use_gpu else 0.0})
+        lines.append(f"stage features + SVM: {images} images through the trunk by actor(s) of "
+                     f"{actor}; SVM grid of {grid}" + (f", probe grid of {len(exp.svm.probe_C)}"
+                                                       if exp.svm.probe else ""))
+    if exp.baseline.enabled:
+        base = models.build("bettercnn", "none", classes)
+        flops["baseline"] = (3 * models.forward_flops(base, exp.baseline.image_size)
+                             * train_images * exp.baseline.epochs)
+        lines.append(f"stage BetterCNN baseline: {exp.baseline.epochs} epochs on {train_images} "
+                     f"images at {_size(exp.baseline.image_size)}, {exp.train.num_workers} "
+                     f"worker(s) x {worker}")
+    lines.append("stage report: report.md and report.html")
+    lines.append("compute estimate: " + ", ".join(
+        f"{name} {_flops(value)}" for name, value in flops.items())
+        + f"; total {_flops(sum(flops.values()))} (training counted as 3x the forward pass: "
+          "an upper bound, frozen and cached stages cost less)")
+    return lines
+
+
+def _size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _flops(value: float) -> str:
+    if value <= 0:
+        return "0 FLOP"
+    units = ["", "k", "M", "G", "T", "P", "E"]
+    power = min(int(math.log10(value) // 3), len(units) - 1)
+    return f"{value / 10 ** (3 * power):.3g} {units[power]}FLOP"
