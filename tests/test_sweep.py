@@ -133,9 +133,11 @@ def saved_finished_trials(tune_dir: Path) -> set[str]:
 
 
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
-    overrides = ("sweep.freeze=[fc]", "sweep.lr=[0.01, 0.003, 0.001]",
+    # trials that train from pixels for 2 epochs: one reused trial process runs cached `fc`
+    # trials in a second or two each, done before this test could interrupt the sweep
+    overrides = ("sweep.freeze=[all]", "sweep.lr=[0.01, 0.003, 0.001]",
                  "sweep.max_concurrent_trials=1", "sweep.asha.enabled=false",
-                 "features.enabled=false", "baseline.enabled=false", "train.epochs=1")
+                 "features.enabled=false", "baseline.enabled=false", "train.epochs=2")
     tune_dir = tmp_path / "smoke" / tuning.TUNE_DIR
     log_path = tmp_path / "first.log"
     with log_path.open("w") as log:
