@@ -205,7 +205,8 @@ def main() -> None:
                 print(f"ray     : the {name} row failed: {type(exc).__name__}: {exc}")
                 continue
             stats = result["stats"]
-            add(f"{name} (Ray Data, {stats['actors']} actor)", result["x"], result["wall"],
+            where = "in process, small input" if stats.get("in_process") else "Ray Data"
+            add(f"{name} ({where}, {stats['actors']} actor)", result["x"], result["wall"],
                 memory, **{"steady images/s": stats["steady_images_per_second"]})
             pipelines.append((name, result))
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from boatray import models, prefix_cache, train
-from boatray.config import from_dict
+from boatray.config import FREEZE_SPECS, from_dict
 from boatray.data.manifest import read_manifest
 from common import (
     SAMPLE,
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--valid", type=int, default=8, help="validation images (8)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run (1)")
     parser.add_argument("--freeze", nargs="+", default=["head", "last1"],
-                        choices=sorted(TARGETS), help="freeze specs (head last1)")
+                        choices=FREEZE_SPECS, help="freeze specs (head last1)")
     parser.add_argument("--size", type=parse_size, default=(240, 800), help="HxW (240x800)")
     parser.add_argument("--model", default="resnet50", help="backbone (resnet50)")
     parser.add_argument("--batch-size", type=int, default=32,
@@ -159,7 +159,7 @@ def main() -> None:
                          "run vs lab": ratio(lab["run s"], run["run s"]), **memory})
     print_table(rows)
     for row in rows:
-        if row["cache"] == "on":
+        if row["cache"] == "on" and row["freeze"] in TARGETS:
             target = TARGETS[row["freeze"]]
             print(f"target  : {row['freeze']} epoch with the cache >= {target:.0f}x the lab's "
                   f"training loop: {row['train vs lab']:.1f}x "

@@ -14,6 +14,8 @@ its own process; the table shows fit and predict seconds, the fit-time ratio and
 and the fraction of held-out predictions on which the two agree (the same SVM should agree on
 all of them). A third row times the fit the sweep really runs, with the calibrated
 probabilities (five out-of-fold fits more), for information: it is not scikit-learn's task.
+A fourth row fits the logistic-regression probe (svm.linear_probe) on the same features; its
+fit time over the SVM's is checked against issue 15's target (at most 2x).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from boatray.svm import RbfSvm
+from boatray.svm import RbfSvm, linear_probe
 from common import isolated, print_footer, print_header, print_table, ratio
 
 NOISE = 2.5
@@ -35,8 +37,13 @@ TARGET = 10.0
 """Issue 7: the SVM fit at least 10x faster than scikit-learn's SVC(kernel='rbf')."""
 KINDS = {"sklearn": "scikit-learn SVC(kernel='rbf')",
          "boatray": "boatray RbfSvm (precomputed Gram)",
-         "boatray+proba": "boatray RbfSvm + calibrated proba (the sweep's fit)"}
+         "boatray+proba": "boatray RbfSvm + calibrated proba (the sweep's fit)",
+         "probe": "boatray linear probe (logistic regression, C=1)"}
 """The fits timed, scikit-learn's first (the reference of the ratios and the agreement)."""
+PROBE_C = 1.0
+"""The probe's C: the largest of the default grid, its slowest fit."""
+PROBE_TARGET = 2.0
+"""Issue 15: the probe fits within 2x the time of the SVM on the same features."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +77,8 @@ def make_estimator(kind: str, C: float, gamma: float | str):
     """`boatray`, `boatray+proba` or `sklearn`: an unfitted estimator."""
     if kind == "sklearn":
         return make_pipeline(StandardScaler(), SVC(kernel="rbf", C=C, gamma=gamma))
+    if kind == "probe":
+        return linear_probe(PROBE_C, None)
     return RbfSvm(C=C, gamma=gamma, probability=kind == "boatray+proba")
 
 
@@ -107,6 +116,9 @@ def main() -> None:
     print(f"target  : fit >= {TARGET:.0f}x scikit-learn: {speedup:.1f}x "
           f"({'met' if speedup >= TARGET else 'NOT met'}); same predictions on "
           f"{agreement:.2%} of {args.test} held-out rows")
+    probe = ratio(rows["probe"]["fit s"], rows["boatray"]["fit s"])
+    print(f"target  : probe fit <= {PROBE_TARGET:.0f}x the SVM's: {probe:.2f}x "
+          f"({'met' if probe <= PROBE_TARGET else 'NOT met'})")
     print_footer()
 
 

@@ -76,14 +76,15 @@ class TrunkRunner:
     """Actor: the trunk on its device; uint8 images in, flattened features out.
 
     `trunk` is a one-item list holding the object-store reference of the trunk: the driver
-    puts it there once, every actor (and a restarted one) fetches it. With `compile` the trunk
+    puts it there once, every actor (and a restarted one) fetches it; or, run in the driver's
+    own process (`trunk_batches` on a small input), the trunk itself. With `compile` the trunk
     runs under torch.compile with inductor's `freezing`; if compiling fails (no C++ compiler
     on the node, an unsupported op), the actor says so in one line and goes on eager.
     """
 
-    def __init__(self, trunk: list, use_gpu: bool, amp: bool, channels_last: bool,
+    def __init__(self, trunk: list | nn.Module, use_gpu: bool, amp: bool, channels_last: bool,
                  threads: int | None, dtype: str, compile: bool = False) -> None:
-        trunk = ray.get(trunk[0])
+        trunk = ray.get(trunk[0]) if isinstance(trunk, list) else trunk
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -234,14 +235,26 @@ class PipelineTiming:
                 "decode_images_per_second_per_cpu": median(self.decode_rates)}
 
 
+SMALL_INPUT = 256
+"""Images up to which a CPU extraction with at most one actor runs in the calling process: for
+so few, starting a Ray Data actor and shipping it the model (about 20 s on a 2-core machine)
+costs more than the work."""
+
+
 def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
                   image_size: tuple[int, int]) -> tuple[Iterator[dict[str, np.ndarray]], dict]:
-    """The Ray Data pipeline: `trunk` over every row of `frame` (path, label_idx, split).
+    """The Ray Data pipeline: `trunk` over every row of `frame` (path, label_idx, split); for
+    a small input on a CPU (`SMALL_INPUT`), the same decode and trunk steps in this process.
 
     Returns the batches, in the frame's order, each with those columns, `error` ('' or why the
     image could not be decoded) and `features` (the flattened trunk output as `cfg.dtype`), and
-    the pipeline's settings (`actors`, `threads_per_actor`, `compile`, `fused_decode`).
+    the pipeline's settings (`actors`, `threads_per_actor`, `compile`, `fused_decode`,
+    `in_process`).
     """
+    if len(frame) <= SMALL_INPUT and not cfg.use_gpu and cfg.num_actors in (None, 1):
+        return _batches_here(frame, trunk, cfg, image_size), {
+            "actors": 1, "threads_per_actor": torch.get_num_threads(), "compile": cfg.compile,
+            "fused_decode": True, "in_process": True}
     start_ray()
     actors = actor_count(cfg)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
@@ -274,7 +287,18 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
             batch_format="numpy", num_cpus=cfg.cpus_per_actor, max_restarts=0, **gpu)
     return (dataset.iter_batches(batch_size=None, batch_format="numpy"),
             {"actors": actors, "threads_per_actor": threads, "compile": cfg.compile,
-             "fused_decode": fused_decode})
+             "fused_decode": fused_decode, "in_process": False})
+
+
+def _batches_here(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
+                  image_size: tuple[int, int]) -> Iterator[dict[str, np.ndarray]]:
+    """`trunk_batches`' batches computed in this process, decoding included."""
+    runner = TrunkRunner(trunk, False, cfg.amp, cfg.channels_last, None, cfg.dtype,
+                         cfg.compile)
+    rows = frame[list(COLUMNS)].reset_index(drop=True)
+    for begin in range(0, len(rows), cfg.batch_size):
+        part = rows.iloc[begin:begin + cfg.batch_size]
+        yield runner(decode_rows({c: part[c].to_numpy() for c in COLUMNS}, tuple(image_size)))
 
 
 def write_features(batches, out_path: Path, meta: dict) -> tuple[int, list[dict]]:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from boatray import export, train
+from boatray import export, sessions, train
 from boatray.data import images
 from boatray.data.imagefiles import Exclusions, is_hidden, is_image_name, keep_intact
 from boatray.data.manifest import read_manifest
@@ -50,7 +50,7 @@ def device_for(use_gpu: bool) -> torch.device:
 def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
     """A checkpoint as a local folder for the `with` block.
 
-    A checkpoint folder as it is; a run folder gives its latest checkpoint_epoch_*; a URI on
+    A checkpoint folder as it is; a run folder gives its latest checkpoint; a URI on
     Ray's storage (s3://bucket/..., gs://...) is downloaded to a temporary folder.
     """
     if "://" in str(checkpoint):
@@ -60,8 +60,8 @@ def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
             yield Path(directory)
         return
     path = Path(checkpoint)
-    found = sorted(path.glob(f"{train.CHECKPOINT_PREFIX}*"))
-    yield found[-1] if found and not (path / train.META_FILE).is_file() else path
+    found = None if (path / train.META_FILE).is_file() else sessions.latest_checkpoint(path)
+    yield path if found is None else Path(found)
 
 
 def predict_proba(model: torch.nn.Module, dataset: images.ImageDataset, *, batch_size: int = 32,

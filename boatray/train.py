@@ -1,13 +1,15 @@
-"""The Ray Train worker loop: fine-tuning (and the BetterCNN baseline) with DDP on Train V2.
+"""The training loop: fine-tuning (and the BetterCNN baseline), on one process or DDP ranks.
 
 Three layers (torchvision references/classification + Ray's Train V2 examples):
 
 - plain PyTorch, testable without Ray: `train_one_epoch`, `evaluate`, `outputs`, the samplers,
   optimizers, schedulers and the checkpoint format;
-- the worker function `train_loop_per_worker(config)`, the loop's `main`: it wires data, model,
-  optimizer and scheduler, and calls only `prepare_model`, `prepare_data_loader`,
-  `get_checkpoint`, `get_context` and `report` from Ray;
-- `make_trainer` (the sweep's trial function calls it) and `fit` (one run, on the driver).
+- `train_loop(config, session)`, the loop's `main`: it wires data, model, optimizer and
+  scheduler and does not know who it reports to; the session (sessions.py) is this process
+  (`train.num_workers` 0), a Ray Tune trial's own process (1: no worker group to start) or
+  one rank of a Ray Train worker group (2+: DDP);
+- `make_trainer` (2+ workers) and `fit` (one run, on the driver: in process, a one-trial
+  Tune experiment, or a TorchTrainer).
 
 Data: a `DataLoader` over `images.ImageDataset` made ready by `prepare_data_loader`, not Ray Data
 shards. The manifest is a few thousand paths, which every worker reads in milliseconds; each
@@ -20,7 +22,7 @@ weighted draw without a global shuffle.
 The frozen-prefix cache (prefix_cache.py): when the driver hands the worker a cache, the
 datasets are the frozen prefix's cached float16 activations instead of images, fed through
 the same sampler and loader path (so cached and uncached runs see the same batches in the same
-order), and the DDP-wrapped, trained and evaluated network is `models.suffix` of the model;
+order), and the (DDP-wrapped) trained and evaluated network is `models.suffix` of the model;
 the frozen prefix is not run, and checkpoints hold the whole model.
 
 Gradual unfreezing under DDP (Lightning #20340: a DDP wrapper registers its gradient hooks for
@@ -42,9 +44,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +57,15 @@ from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from boatray import models, prefix_cache
+from boatray import models, prefix_cache, sessions
 from boatray.config import Experiment, TrainConfig, from_dict
 from boatray.data import images
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
+from boatray.sessions import CHECKPOINT_PREFIX, META_FILE  # noqa: F401 (checkpoint layout)
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
-META_FILE = "meta.json"
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
 KEEP_CHECKPOINTS = 1
 """Checkpoints kept per run: the latest, which is enough to resume and to predict."""
 CONTROLLER_FAILURE_LIMIT = 10
@@ -379,27 +380,27 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-# ---------------------------------------------------------------- the worker
+# ---------------------------------------------------------------- the loop
 
-def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train worker function: one fine-tuning run, on every rank.
+def loop_config(exp: Experiment, manifest: str | Path, cache: str | None) -> dict:
+    """What the training loop is handed: the experiment (as a dict), the manifest's absolute
+    path and the location of the run's frozen-prefix cache (None: train on images)."""
+    return {"experiment": exp.to_dict(), "manifest": str(Path(manifest).resolve()),
+            "prefix_cache": cache}
 
-    `config`: {"experiment": Experiment.to_dict(), "manifest": path of manifest.parquet,
-    "prefix_cache": the location of the run's frozen-prefix cache, or None}. Reports on every
-    rank after every epoch (a barrier) with a checkpoint from rank 0.
+
+def train_loop(config: dict, session: sessions.Session) -> None:
+    """One fine-tuning run, on every rank: `config` is `loop_config`'s; `session` says where
+    the run is (this process, a Tune trial, a Train worker) and takes its reports: after every
+    epoch, metrics and a checkpoint (every rank reports; rank 0's checkpoint is kept).
     """
-    import ray.train
-    import ray.train.torch
-
     exp = from_dict(config["experiment"])
     cfg = exp.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world, device = session.rank, session.world, session.device
     seed_everything(cfg.seed)
     frame, classes = read_manifest(config["manifest"])
     # Built right after seeding: every rank, and prefix_cache.prefix_model, draw the same init.
     module = models.build(exp.model.name, exp.model.weights, len(classes), exp.model.pooling)
-    device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     amp, channels_last = cfg.amp and on_gpu, cfg.channels_last and on_gpu
 
@@ -414,8 +415,8 @@ def train_loop_per_worker(config: dict) -> None:
     workers = 0 if cut is not None and not on_gpu else cfg.loader_workers
     loader_args = {"num_workers": workers, "persistent_workers": workers > 0,
                    "pin_memory": on_gpu}
-    train_loader, valid_loader = (ray.train.torch.prepare_data_loader(
-        make_loader(dataset, sampler, cfg.batch_size, **loader_args), add_dist_sampler=False)
+    train_loader, valid_loader = (session.prepare_loader(
+        make_loader(dataset, sampler, cfg.batch_size, **loader_args))
         for dataset, sampler in ((train_set, train_sampler), (valid_set, valid_sampler)))
 
     module = module.to(device, memory_format=torch.channels_last if channels_last
@@ -426,9 +427,8 @@ def train_loop_per_worker(config: dict) -> None:
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if cfg.class_weighted_loss
                                     else None)
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+    with session.resume_from() as directory:
+        if directory is not None:
             start, history = restore_checkpoint(directory, module, optimizer, scheduler)
     meta = {"classes": classes, "image_size": list(exp.data.image_size),
             "model": {"name": exp.model.name, "pooling": exp.model.pooling,
@@ -441,7 +441,8 @@ def train_loop_per_worker(config: dict) -> None:
         if spec != phase:  # first epoch or a gradual phase change: refreeze, new DDP wrapper
             phase = spec
             models.freeze(module, phase)
-            model = _wrap(network, cfg.compile)
+            model = session.wrap(network)
+            model = torch.compile(model) if cfg.compile else model
         train_sampler.set_epoch(epoch)
         lr = max(group["lr"] for group in optimizer.param_groups)
         began = time.perf_counter()
@@ -459,11 +460,36 @@ def train_loop_per_worker(config: dict) -> None:
                    "trainable_parameters": sum(p.numel() for p in module.parameters()
                                                if p.requires_grad)}
         history.append(metrics)
-        _report(metrics, rank, module, optimizer, scheduler, history, meta)
-    if checkpoint is not None and history and start >= cfg.epochs:
+        session.report(metrics, lambda directory, done=epoch + 1: save_checkpoint(
+            directory, module, optimizer, scheduler, done, history, meta))
+    if history and start >= cfg.epochs:
         # restored after its last epoch (e.g. the driver was killed right then): report the
         # final metrics again, so that a Tune trial gets its metric
-        ray.train.report({**history[-1], "checkpoint_path": checkpoint.path})
+        session.report(history[-1], lambda directory: save_checkpoint(
+            directory, module, optimizer, scheduler, start, history, meta))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function (runs with 2+ workers): the loop on one DDP rank."""
+    train_loop(config, sessions.WorkerSession())
+
+
+def device_for(use_gpu: bool) -> torch.device:
+    """The device of a run outside Ray Train: the GPU Ray gave the process, else the CPU."""
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def train_in_trial(config: dict, earlier: str | None = None) -> None:
+    """The loop inside a Ray Tune trial's own process (1 worker): `config` is `loop_config`'s;
+    `earlier`: the checkpoint of an earlier run of the same name to resume from when Tune
+    holds none for this trial."""
+    use_gpu = from_dict(config["experiment"]).train.use_gpu
+    train_loop(config, sessions.TrialSession(device_for(use_gpu), earlier))
+
+
+def _single_run_trial(_: dict, loop: dict, earlier: str | None) -> None:
+    """The Tune function of a single run (`fit` with 1 worker); Tune's own config is empty."""
+    train_in_trial(loop, earlier)
 
 
 def _broadcast_buffers(module: nn.Module) -> None:
@@ -476,28 +502,6 @@ def _broadcast_buffers(module: nn.Module) -> None:
     if _world() > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
-
-
-def _wrap(module: nn.Module, compile_model: bool) -> nn.Module:
-    """A fresh DDP wrapper (Ray's prepare_model) over the model's current trainable set."""
-    import ray.train.torch
-
-    model = ray.train.torch.prepare_model(module, move_to_device=False)
-    return torch.compile(model) if compile_model else model
-
-
-def _report(metrics: dict, rank: int, module: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Scheduler | None, history: list[dict], meta: dict) -> None:
-    import ray.train
-
-    epoch = metrics["epoch"]
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            save_checkpoint(directory, module, optimizer, scheduler, epoch, history, meta)
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:04d}")
 
 
 # ---------------------------------------------------------------- the driver side
@@ -520,7 +524,8 @@ def check_inputs(exp: Experiment, manifest: str | Path) -> None:
 
 def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
                  callbacks: Sequence = (), cache: str | None = None):
-    """The TorchTrainer of one run, from exp.train: workers, GPUs, CPUs per worker, failures.
+    """The TorchTrainer of one run with 2+ workers, from exp.train: workers, GPUs, CPUs per
+    worker, failures.
 
     Reusing `name` under `storage_path` resumes that run from its last checkpoint.
     `cache`: the location of the run's frozen-prefix cache (prefix_cache.prepare), or None to
@@ -532,8 +537,7 @@ def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
     cfg = exp.train
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": exp.to_dict(), "manifest": str(manifest),
-                           "prefix_cache": cache},
+        train_loop_config=loop_config(exp, manifest, cache),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -544,34 +548,86 @@ def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
 
 
-def fit(exp: Experiment, manifest: str | Path, run_dir: str | Path):
-    """Train one run into `run_dir` (its checkpoints land there) and return the ray.train.Result.
+def trial_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What a trial that trains in its own process asks Tune for: one worker's CPUs and GPU."""
+    return {"cpu": cfg.cpus_per_worker, "gpu": 1.0 if cfg.use_gpu else 0.0}
 
+
+@dataclass
+class FitResult:
+    """A finished run: its last reported metrics and its final checkpoint."""
+
+    metrics: dict
+    checkpoint: Any  # ray.train.Checkpoint
+
+
+def fit(exp: Experiment, manifest: str | Path, run_dir: str | Path) -> FitResult:
+    """Train one run into `run_dir` (its checkpoints land there) and return its FitResult.
+
+    Where it trains: with `train.num_workers` 0 in this process (no Ray), with 1 in a Ray Tune
+    trial's own process, with 2 or more in a Ray Train worker group (DDP).
     The run's frozen-prefix cache is computed first when it can use one and has none yet.
     With a remote storage_path, `run_dir` is in the driver's staging folder
     (exp.results_dir) and the checkpoints go to the same place under exp.storage_uri. A run
-    folder that already holds a run is resumed from its last checkpoint. A worker's
-    user-facing error (e.g. a corrupt image) comes back as that BoatrayError.
+    folder that already holds a run is resumed from its last checkpoint. A user-facing error
+    in the run (e.g. a corrupt image) comes back as that BoatrayError.
     """
-    from ray.train import WorkerGroupError
+    from ray.train import Checkpoint, WorkerGroupError
 
     check_inputs(exp, manifest)
-    cache = prefix_cache.prepare(exp, manifest)
+    config = loop_config(exp, manifest, prefix_cache.prepare(exp, manifest))
     run_dir = Path(run_dir).resolve()
+    if exp.train.num_workers == 0:
+        session = sessions.LocalSession(device_for(exp.train.use_gpu), run_dir)
+        train_loop(config, session)
+        checkpoint = session.checkpoint and Checkpoint(str(session.checkpoint))
+        return FitResult(session.metrics, checkpoint)
     storage = str(run_dir.parent)
     if exp.remote_storage:
         relative = run_dir.parent.relative_to(exp.results_dir.resolve()).as_posix()
         storage = f"{exp.storage_uri}/{relative}"
-    trainer = make_trainer(exp, Path(manifest).resolve(), run_dir.name, storage,
-                           cache=cache)
+    if exp.train.num_workers == 1:
+        return _fit_in_trial(exp, config, f"{storage}/{run_dir.name}")
+    trainer = make_trainer(exp, Path(manifest), run_dir.name, storage, cache=config["prefix_cache"])
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except WorkerGroupError as exc:
         for failure in exc.worker_failures.values():
-            cause = _boatray_cause(failure)
-            if cause is not None:
-                raise BoatrayError(str(cause)) from None
+            _raise_boatray_cause(failure)
         raise
+    return FitResult(result.metrics, result.checkpoint)
+
+
+def _fit_in_trial(exp: Experiment, config: dict, run_path: str) -> FitResult:
+    """One run as a one-trial Tune experiment at `run_path`; an earlier run there is resumed
+    from its latest checkpoint (with more epochs, if the config now asks for more)."""
+    from ray import tune
+    from ray.train import Checkpoint
+
+    earlier = sessions.latest_checkpoint(run_path)
+    storage, name = run_path.rsplit("/", 1)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_single_run_trial, loop=config,
+                                                 earlier=earlier),
+                            trial_resources(exp.train)),
+        tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=exp.train.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
+    result = tuner.fit()[0]
+    if result.error is not None:
+        _raise_boatray_cause(result.error)
+        raise result.error
+    checkpoint = result.checkpoint or (earlier and Checkpoint(earlier))
+    return FitResult(result.metrics or {}, checkpoint)
+
+
+def _raise_boatray_cause(error: BaseException | None) -> None:
+    """Raise the BoatrayError behind a Ray error, if there is one."""
+    cause = _boatray_cause(error)
+    if cause is not None:
+        raise BoatrayError(str(cause)) from None
 
 
 def _boatray_cause(error: BaseException | None) -> BaseException | None:

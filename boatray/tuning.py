@@ -1,12 +1,13 @@
-"""The fine-tuning sweep on Ray Tune: each trial is one Ray Train run (Train V2 pattern).
+"""The fine-tuning sweep on Ray Tune: a trial trains in its own process, or drives a Train run.
 
-Three layers, each with its own Ray API (RAY_2.60_NOTES.md): the worker loop (train.py), the
-trial function here that builds and fits a TorchTrainer and hands its metrics to Tune through
-`TuneReportCallback`, and the driver's Tuner (`run_sweep`).
-
-Before the first trial starts, the driver computes every frozen-prefix cache the trials can use
-(one per freeze spec, and per seed with random weights; `sweep_caches`) and hands each trial
-its location, so no two trials compute the same cache and a trial only reads it.
+Three layers, each with its own Ray API (RAY_2.60_NOTES.md): the training loop (train.py), the
+trial function here, and the driver's Tuner (`run_sweep`). A trial with one worker (one GPU,
+the default) runs the loop in the Tune trial's own process (sessions.TrialSession): Tune keeps
+its checkpoints, retries it from the last one (FailureConfig) and, with `reuse_actors`, hands
+the process to the next trial, so start-up is paid per slot rather than per trial. A trial
+with 2+ workers builds and fits a TorchTrainer (DDP) whose metrics reach Tune through
+`TuneReportCallback`. Before the first trial starts, the driver computes every frozen-prefix
+cache the trials can use (`sweep_caches`) and hands each trial its location.
 """
 
 from __future__ import annotations
@@ -44,12 +45,20 @@ def trial_experiment(experiment: dict, config: dict) -> Experiment:
     return exp
 
 
-def trial_resources(exp: Experiment) -> dict[str, float]:
-    """What a trial's own process (it only drives a Train run) asks for.
+def in_trial_process(exp: Experiment) -> bool:
+    """Whether the sweep's trials train in their own process (1 worker) or drive a Train run."""
+    return exp.train.num_workers <= 1
 
-    `sweep.trial_resource` names a custom resource, e.g. `trial_driver` on a cluster's head
-    node (cluster.yaml), one unit per trial; otherwise a sliver of a CPU.
+
+def trial_resources(exp: Experiment) -> dict[str, float]:
+    """What a trial's own process asks for.
+
+    Training in it: one worker's CPUs and GPU. Driving a Train run: `sweep.trial_resource`
+    names a custom resource, e.g. `trial_driver` on a cluster's head node (cluster.yaml), one
+    unit per trial; otherwise a sliver of a CPU.
     """
+    if in_trial_process(exp):
+        return train.trial_resources(exp.train)
     if exp.sweep.trial_resource:
         return {exp.sweep.trial_resource: 1.0}
     return {"cpu": 0.01}
@@ -57,16 +66,20 @@ def trial_resources(exp: Experiment) -> dict[str, float]:
 
 def run_trial(config: dict, experiment: dict, manifest: str, train_storage: str,
               caches: dict[str, str | None]) -> None:
-    """One Tune trial: fit a TorchTrainer for this configuration, metrics flowing back to Tune.
+    """One Tune trial with this configuration: the training loop here (1 worker), or a
+    TorchTrainer whose metrics flow back to Tune (2+ workers).
 
     The Train run is named after the trial id, which survives a Tuner restore, so a resumed
     trial resumes its Train run from the last checkpoint. `caches`: `sweep_caches`.
     """
     exp = trial_experiment(experiment, config)
+    cache = caches.get(_cache_slot(config["freeze"], config["repeat"]))
+    if in_trial_process(exp):
+        train.train_in_trial(train.loop_config(exp, manifest, cache))
+        return
     name = tune.get_context().get_trial_id()
     trainer = train.make_trainer(exp, Path(manifest), name=name, storage_path=train_storage,
-                                 callbacks=[TuneReportCallback()],
-                                 cache=caches.get(_cache_slot(config["freeze"], config["repeat"])))
+                                 callbacks=[TuneReportCallback()], cache=cache)
     trainer.fit()
 
 
@@ -167,10 +180,14 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
             tune_config=tune.TuneConfig(
                 scheduler=_scheduler(exp), search_alg=_search_alg(exp),
                 num_samples=1 if exp.sweep.search == "grid" else exp.sweep.num_samples,
-                max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
+                max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname,
+                reuse_actors=in_trial_process(exp)),
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=root, verbose=0,
-                failure_config=tune.FailureConfig(max_failures=0),
+                # in a trial's process Tune retries it; a Train run retries its workers itself
+                failure_config=tune.FailureConfig(
+                    max_failures=exp.train.max_failures if in_trial_process(exp) else 0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=train.KEEP_CHECKPOINTS),
                 callbacks=[console.TrialLines(
                     trial_count(exp), exp.train.epochs, exp.sweep.metric,
                     {(f, int(r)) for f, r in (slot.split("/") for slot, cache in caches.items()
@@ -247,7 +264,10 @@ def _time_total(result: tune.Result, history: pd.DataFrame) -> pd.Series:
 
 
 def _last_checkpoint_path(result: tune.Result) -> str | None:
-    """The checkpoint of a trial's last report (`checkpoint_path`, see TuneReportCallback)."""
+    """The checkpoint of a trial's last report: Tune's own for a trial that trained in its
+    process, else the `checkpoint_path` metric of its Train run (see TuneReportCallback)."""
+    if result.checkpoint is not None and not (result.metrics or {}).get(CHECKPOINT_PATH):
+        return result.checkpoint.path
     last = (result.metrics or {}).get(CHECKPOINT_PATH)
     frame = result.metrics_dataframe
     if last or frame is None or CHECKPOINT_PATH not in frame:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("extraction", "finetune_epoch", "svm_fit", "smoke_sweep", "scaling")
+SCRIPTS = ("extraction", "finetune_epoch", "svm_fit", "smoke_sweep", "scaling", "gpu_check")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -32,3 +32,26 @@ def test_the_svm_benchmark_prints_its_ratio_and_agreement():
     table = run.stdout.split("\npath ", 1)[1]
     assert "scikit-learn SVC(kernel='rbf')" in table and "boatray RbfSvm" in table
     assert "same predictions on 100.00% of 100 held-out rows" in run.stdout, run.stdout
+
+
+def test_the_gpu_check_steps_are_commands_that_parse(monkeypatch, tmp_path):
+    """What can be checked without a GPU: the shell script's syntax, every step's arguments
+    (the benchmark scripts' parsers, the sweep's config overrides) and the stand-in sample."""
+    from boatray import config
+    from boatray.sweep import build_parser as sweep_parser
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")], check=True)
+    gpu_check, common = (importlib.import_module(n) for n in ("gpu_check", "common"))
+    sample = gpu_check.stand_in_sample(tmp_path / "sample")
+    assert len({label for _, label in common.sample_images(8, sample)}) == 4
+    steps = gpu_check.steps(sample, tmp_path / "smoke")
+    assert sum(share for *_, share in steps) == 1.0
+    for _, command, _ in steps:
+        if command[1] == "-m":  # the smoke sweep: its overrides are real config keys
+            exp = config.from_arguments(sweep_parser().parse_args(command[3:]))
+            assert exp.train.use_gpu and exp.features.use_gpu
+        else:
+            module = importlib.import_module(Path(command[1]).stem)
+            parsed = module.build_parser().parse_args(command[2:])
+            assert parsed.device == "cuda"

@@ -1,8 +1,9 @@
 """The frozen-prefix cache: when it is used, its key, exactness, reuse, and its checkpoints.
 
-The training runs are in-process (Ray Train's local mode, `train.num_workers=0`) on a tiny
-generated set, so they cost seconds; the caches are computed by the Ray Data pipeline on the
-shared test Ray instance; one run with 2 DDP workers proves the cached path under Ray Train.
+The training runs are in-process (`train.num_workers=0`: sessions.LocalSession) on a tiny
+generated set, so they cost seconds; the caches of so few images are computed by the features
+pipeline in process (features.SMALL_INPUT); one run with 2 DDP workers proves the cached path
+under Ray Train.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def manifest(tmp_path_factory) -> Path:
 
 
 def settings(storage: Path, **train_settings) -> dict:
-    """An in-process run (local mode) of resnet18 with random weights, SGD, 2 epochs."""
+    """An in-process run (num_workers 0) of resnet18 with random weights, SGD, 2 epochs."""
     # library calls, not the CLI: each test keeps its results in its own tmp folder
     return {"name": "cache", "storage_path": str(storage), "seed": 0,
             "data": {"image_size": SIZE},

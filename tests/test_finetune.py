@@ -6,6 +6,7 @@ group, which costs 30 to 55 s on a 2-core machine.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from boatray import finetune, models, predict, train
+from boatray import finetune, models, predict, sessions, train
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
@@ -177,20 +178,26 @@ def worker_measuring_replica_spread(config: dict) -> None:
     and buffers seen so far (`replica_spread`; 0 while DDP keeps the replicas identical)."""
     import torch.distributed as dist
 
+    from boatray import sessions
     from boatray import train as loop
 
-    report, worst = loop._report, [0.0]
+    class Measuring(sessions.WorkerSession):
+        worst, module = 0.0, None
 
-    def measured(metrics, rank, module, *rest):
-        state = torch.cat([t.detach().double().flatten() for t in module.state_dict().values()
-                           if t.is_floating_point()])
-        copies = [torch.empty_like(state) for _ in range(dist.get_world_size())]
-        dist.all_gather(copies, state)
-        worst[0] = max(worst[0], *(float((c - state).abs().max()) for c in copies))
-        report({**metrics, "replica_spread": worst[0]}, rank, module, *rest)
+        def wrap(self, module):
+            self.module = module
+            return super().wrap(module)
 
-    loop._report = measured
-    loop.train_loop_per_worker(config)
+        def report(self, metrics, write):
+            state = torch.cat([t.detach().double().flatten()
+                               for t in self.module.state_dict().values()
+                               if t.is_floating_point()])
+            copies = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+            dist.all_gather(copies, state)
+            self.worst = max(self.worst, *(float((c - state).abs().max()) for c in copies))
+            super().report({**metrics, "replica_spread": self.worst}, write)
+
+    loop.train_loop(config, Measuring())
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +279,101 @@ def test_a_corrupt_image_in_a_worker_is_a_one_line_error(ray_local, manifest, tm
     with pytest.raises(BoatrayError, match="cannot decode image .*broken.jpg") as error:
         train.fit(exp, corrupt, tmp_path / "run")
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- one worker: a trial's process
+
+@pytest.fixture(scope="module")
+def trial_runs(ray_local, manifest, tmp_path_factory) -> dict:
+    """A 1-worker run (in a Tune trial's own process, no worker group) of 1 epoch, then the same
+    run resumed to 2 epochs by finetune.run."""
+    root = tmp_path_factory.mktemp("trial")
+    settings = experiment(root, num_workers=1, epochs=1, freeze="layer4")
+    run_dir = root / "runs" / "single"
+    first = train.fit(from_dict(settings), manifest, run_dir)
+    first_meta = train.read_meta(first.checkpoint.path)
+    settings["train"]["epochs"] = 2
+    finetune.run(from_dict(settings), manifest, run_dir)
+    return {"run_dir": run_dir, "first": first, "first_meta": first_meta}
+
+
+@pytest.mark.slow
+def test_a_one_worker_run_trains_in_a_tune_trial_and_resumes(trial_runs):
+    first = trial_runs["first"]
+    assert first.metrics["epoch"] == 1 and METRICS <= set(first.metrics)
+    assert Path(first.checkpoint.path).parent.parent == trial_runs["run_dir"]  # a trial folder
+    _, run = read_run(trial_runs["run_dir"])
+    history = run["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[:1] == trial_runs["first_meta"]["history"]  # epoch 1 was not trained again
+    assert train.read_meta(run["checkpoint"])["epoch"] == 2
+    latest = sessions.latest_checkpoint(trial_runs["run_dir"])
+    assert Path(latest) == Path(run["checkpoint"])
+    with predict.local_checkpoint(trial_runs["run_dir"]) as directory:  # a run folder
+        assert directory == Path(run["checkpoint"])
+
+
+class CrashOnce(sessions.TrialSession):
+    """A trial session whose process dies right after its first checkpoint, once."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__(torch.device("cpu"))
+        self.marker = marker
+
+    def report(self, metrics, write):
+        super().report(metrics, write)
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+
+
+def crashing_trial(_: dict, loop: dict, marker: str) -> None:
+    train.train_loop(loop, CrashOnce(Path(marker)))
+
+
+@pytest.mark.slow
+def test_tune_retries_a_killed_trial_from_its_last_checkpoint(ray_local, manifest, tmp_path):
+    from ray import cloudpickle, tune
+
+    exp = from_dict(experiment(tmp_path, num_workers=1, epochs=2, max_failures=1))
+    loop = train.loop_config(exp, manifest, None)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        result = tune.Tuner(
+            tune.with_resources(tune.with_parameters(
+                crashing_trial, loop=loop, marker=str(tmp_path / "crashed")),
+                train.trial_resources(exp.train)),
+            run_config=tune.RunConfig(  # Tune wants an absolute path; tmp_path is one
+                name="retried", storage_path=str(tmp_path), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=exp.train.max_failures))).fit()[0]
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert (tmp_path / "crashed").exists() and result.error is None
+    assert result.metrics_dataframe["epoch"].tolist() == [1, 2]  # epoch 1 ran once
+    assert [h["epoch"] for h in train.read_meta(result.checkpoint.path)["history"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_in_a_trial_is_a_one_line_error(ray_local, manifest, tmp_path):
+    frame = pd.read_parquet(manifest)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    frame.loc[frame.index[frame.split == "train"][0], "path"] = str(broken)
+    corrupt = tmp_path / "manifest.parquet"
+    frame.to_parquet(corrupt)
+    exp = from_dict(experiment(tmp_path, epochs=1, num_workers=1))
+    with pytest.raises(BoatrayError, match="cannot decode image .*broken.jpg") as error:
+        train.fit(exp, corrupt, tmp_path / "run")
+    assert "\n" not in str(error.value)
+
+
+def test_a_run_without_workers_trains_here_and_resumes(manifest, tmp_path):
+    """train.num_workers 0: the loop in this process, no Ray; checkpoints in the run folder."""
+    settings = experiment(tmp_path, num_workers=0, epochs=1, freeze="fc", cache_prefix=False)
+    first = train.fit(from_dict(settings), manifest, tmp_path / "run")
+    settings["train"]["epochs"] = 2
+    second = train.fit(from_dict(settings), manifest, tmp_path / "run")
+    assert (first.metrics["epoch"], second.metrics["epoch"]) == (1, 2)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_epoch_0002"]
+    history = train.read_meta(second.checkpoint.path)["history"]
+    assert history[0] == first.metrics

@@ -134,3 +134,17 @@ def test_cli_writes_the_run_folders(tmp_path, features_file, capsys):
     predictions = pd.read_parquet(tmp_path / "out" / "svm" / "predictions.parquet")
     assert len(predictions) == 200
     assert svm.main(["--features", str(tmp_path / "missing.parquet"), "--out", "x"]) == 2
+
+
+def test_the_probe_chooses_the_c_and_scores_of_a_plain_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(500, seed=2)
+    cfg = SvmConfig(probe_C=[0.001, 0.01, 0.1, 1.0], metric="macro_f1")
+    chosen, table = svm.select_probe(x[:350], y[:350], x[350:], y[350:], cfg)
+    plain = [svm.score("macro_f1", y[350:], make_pipeline(
+        StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(x[:350], y[:350])
+        .predict(x[350:])) for C in cfg.probe_C]
+    assert [row["valid_score"] for row in table] == pytest.approx(plain)
+    assert chosen == {"C": cfg.probe_C[plain.index(max(plain))]}
+    assert len(set(plain)) > 1  # the choice is a real one

@@ -178,7 +178,9 @@ def saved_finished_trials(tune_dir: Path) -> set[str]:
     return finished
 
 
-SMALL_SWEEP = ("sweep.freeze=[head]", "sweep.lr=[0.01, 0.001]", "sweep.max_concurrent_trials=1",
+# A cached `head` trial (seconds in a reused trial process), then an `all` trial from pixels,
+# slow enough to be caught between its epochs.
+SMALL_SWEEP = ("sweep.freeze=[head, all]", "sweep.lr=[0.01]", "sweep.max_concurrent_trials=1",
                "sweep.asha.enabled=false", "train.epochs=2", "baseline.enabled=false")
 
 
@@ -213,19 +215,16 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
     during features and during the report; each time `--resume` carries on, and the finished
     run equals an uninterrupted one (same config and seed on a CPU, same numbers)."""
     results = tmp_path / "killed" / "smoke"
-    train_dir = results / tuning.TRAIN_DIR
 
     def log_has(text):
         return lambda: text in log_path.read_text()
 
     def mid_trial():
-        finished = saved_finished_trials(results / tuning.TUNE_DIR)
-        return any(path.parent.name not in finished
-                   for path in train_dir.glob("*/checkpoint_epoch_0001"))
+        return any((results / tuning.TUNE_DIR).glob("*-all-*/checkpoint_*/meta.json"))
 
     points = [("the cache build", lambda: log_has("[cache] freeze=head seed=0: computing")()),
-              ("a trial's first epoch", mid_trial),
               ("a finished trial", lambda: log_has(" done after ")()),
+              ("a trial's first epoch", mid_trial),
               ("the features stage", lambda: log_has("[boatray] features + SVM: starting")()),
               ("the report", lambda: log_has("[boatray] report: writing")())]
     finished_before = set()

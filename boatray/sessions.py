@@ -1,0 +1,202 @@
+"""Who a training run reports to: the one training loop (train.train_loop) talks only to these.
+
+- `LocalSession`: the calling process, without Ray (`train.num_workers: 0`, unit tests);
+  checkpoints go straight into the run folder.
+- `TrialSession`: a Ray Tune trial's own process (`num_workers: 1`): `ray.tune.report` and
+  `ray.tune.get_checkpoint`; Tune's FailureConfig retries the trial from its last checkpoint
+  and `reuse_actors` keeps the process (torch imported) for the next trial.
+- `WorkerSession`: one rank of a Ray Train worker group (`num_workers >= 2`): DDP through
+  `prepare_model`/`prepare_data_loader`, `ray.train.report` with rank 0's checkpoint.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+META_FILE = "meta.json"
+
+WriteCheckpoint = Callable[[Path], object]
+"""Writes the run's checkpoint (model, optimizer, scheduler, meta) into the folder given."""
+
+
+def checkpoint_name(epoch: int) -> str:
+    """The folder name of the checkpoint taken after `epoch` finished epochs."""
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def latest_checkpoint(folder: str | Path) -> str | None:
+    """The checkpoint with the most finished epochs anywhere under a run folder (a local path
+    or a storage URI, e.g. s3://...), as the same kind of location; None where there is none.
+
+    A run folder holds its checkpoints directly (LocalSession, Ray Train) or one level down in
+    a Tune trial folder (TrialSession).
+    """
+    from pyarrow import fs
+
+    location = str(folder)
+    filesystem, base = fs.FileSystem.from_uri(location if "://" in location
+                                              else str(Path(location).resolve()))
+    if filesystem.get_file_info(base).type != fs.FileType.Directory:
+        return None
+    best: tuple[int, str] | None = None
+    for info in filesystem.get_file_info(fs.FileSelector(base, recursive=True)):
+        path = PurePosixPath(info.path)
+        parts = path.relative_to(base).parts
+        if path.name != META_FILE or len(parts) > 3 or any(p.startswith(".") for p in parts):
+            continue  # not a checkpoint's, or one being written
+        with filesystem.open_input_stream(info.path) as stream:
+            epoch = int(json.loads(stream.read()).get("epoch", 0))
+        if best is None or (epoch, info.path) > best:
+            best = (epoch, str(path.parent))
+    if best is None:
+        return None
+    return best[1] if "://" not in location else f"{location.split('://', 1)[0]}://{best[1]}"
+
+
+class Session(abc.ABC):
+    """One rank's view of a run: its device, how loaders and the model are prepared, where the
+    checkpoint to resume from is, where metrics and checkpoints go. Rank 0 of 1 by default."""
+
+    rank, world = 0, 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        return loader
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The model to train (a DDP wrapper over the current trainable set with 2+ ranks)."""
+        return module
+
+    @contextlib.contextmanager
+    def resume_from(self) -> Iterator[Path | None]:
+        """The checkpoint folder to resume from, or None, for the `with` block."""
+        yield None
+
+    @abc.abstractmethod
+    def report(self, metrics: dict, write: WriteCheckpoint) -> None:
+        """Hand one epoch's metrics and a checkpoint (`write` fills its folder) onward."""
+
+
+def _open(location: str | None) -> contextlib.AbstractContextManager:
+    """A stored checkpoint (path or URI) as a local folder for a `with` block."""
+    if location is None:
+        return contextlib.nullcontext(None)
+    from ray.train import Checkpoint
+
+    return Checkpoint(location).as_directory()
+
+
+class LocalSession(Session):
+    """In the calling process: the latest checkpoint is kept in the run folder."""
+
+    def __init__(self, device: torch.device, run_dir: Path) -> None:
+        super().__init__(device)
+        self.run_dir = Path(run_dir)
+        self.metrics: dict = {}
+        self.checkpoint: Path | None = None
+
+    @contextlib.contextmanager
+    def resume_from(self) -> Iterator[Path | None]:
+        found = latest_checkpoint(self.run_dir)
+        self.checkpoint = None if found is None else Path(found)
+        yield self.checkpoint
+
+    def report(self, metrics: dict, write: WriteCheckpoint) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        target = self.run_dir / checkpoint_name(metrics["epoch"])
+        partial = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.run_dir))
+        write(partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        for older in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            if older != target:
+                shutil.rmtree(older)
+        self.metrics, self.checkpoint = metrics, target
+
+
+class TrialSession(Session):
+    """Inside a Ray Tune trial's process: Tune stores the checkpoints and restarts from them.
+
+    `resume_from`: a checkpoint of an earlier run of the same name (a single run resumed),
+    used when Tune has none for this trial.
+    """
+
+    def __init__(self, device: torch.device, earlier: str | None = None) -> None:
+        super().__init__(device)
+        self.earlier = earlier
+
+    @contextlib.contextmanager
+    def resume_from(self) -> Iterator[Path | None]:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            with _open(self.earlier) as directory:
+                yield None if directory is None else Path(directory)
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict, write: WriteCheckpoint) -> None:
+        from ray import tune
+
+        with tempfile.TemporaryDirectory() as directory:
+            write(Path(directory))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+class WorkerSession(Session):
+    """One rank of a Ray Train worker group (DDP); rank 0 saves the checkpoint."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        super().__init__(ray.train.torch.get_device())
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module, move_to_device=False)
+
+    @contextlib.contextmanager
+    def resume_from(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict, write: WriteCheckpoint) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if self.rank == 0:
+                write(Path(directory))
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_dir_name=checkpoint_name(metrics["epoch"]))
