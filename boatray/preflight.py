@@ -66,9 +66,21 @@ def resolve_devices(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
     return dataclasses.replace(exp, **sections), lines
 
 
+TRIAL_SLIVER = 0.01  # the CPU a Tune trial that drives a Train run takes (tuning.trial_resources)
+
+
 def worker_resources(exp: Experiment) -> dict[str, float]:
     """What one training worker asks for."""
     return {"CPU": exp.train.cpus_per_worker, "GPU": 1.0 if exp.train.use_gpu else 0.0}
+
+
+def _worker_share(exp: Experiment) -> dict[str, float]:
+    """One worker's resources plus its share of its trial's own: a one-worker trial trains in
+    the trial's process; a trial over 2+ workers also holds a sliver of a CPU for itself."""
+    share = worker_resources(exp)
+    if exp.train.num_workers >= 2 and not exp.sweep.trial_resource:
+        share["CPU"] += TRIAL_SLIVER / exp.train.num_workers
+    return share
 
 
 def requests(exp: Experiment) -> list[Request]:
@@ -78,7 +90,7 @@ def requests(exp: Experiment) -> list[Request]:
                      {"CPU": feats.cpus_per_actor, "GPU": 1.0 if feats.use_gpu else 0.0})]
     found.append(Request("training worker", "train", "train.cpus_per_worker",
                          worker_resources(exp)))
-    if exp.sweep.enabled and exp.sweep.trial_resource:
+    if exp.sweep.enabled and exp.sweep.trial_resource and exp.train.num_workers >= 2:
         found.append(Request("sweep trial", "sweep", "sweep.trial_resource",
                              {exp.sweep.trial_resource: 1.0}))
     return found
@@ -90,7 +102,7 @@ def check_resources(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
     for request in requests(exp):
         _check_one(request, capacity)
     worker = worker_resources(exp)
-    workers = capacity.slots(worker)
+    workers = capacity.slots(_worker_share(exp))
     if workers < exp.train.num_workers:
         raise BoatrayError(
             f"train.num_workers={exp.train.num_workers}: the cluster holds at most "

@@ -39,7 +39,9 @@ def test_auto_takes_gpus_only_where_the_cluster_has_or_adds_them():
     (("train.use_gpu=true",), "--set train.use_gpu=auto"),
     (("train.cpus_per_worker=4",), "--set train.cpus_per_worker=2"),
     (("features.cpus_per_actor=3",), "--set features.cpus_per_actor=2"),
-    (("sweep.trial_resource=trial_driver",), "--set sweep.trial_resource=null"),
+    (("sweep.trial_resource=trial_driver", "train.num_workers=2", "train.cpus_per_worker=1"),
+     "--set sweep.trial_resource=null"),
+    (("train.num_workers=2", "train.cpus_per_worker=1"), "--set train.num_workers=1"),
     (("train.num_workers=3",), "--set train.num_workers=1"),
 ])
 def test_a_request_that_can_never_be_met_is_one_line_naming_the_fix(overrides, fix):
