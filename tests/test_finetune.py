@@ -288,7 +288,7 @@ def trial_runs(ray_local, manifest, tmp_path_factory) -> dict:
     """A 1-worker run (in a Tune trial's own process, no worker group) of 1 epoch, then the same
     run resumed to 2 epochs by finetune.run."""
     root = tmp_path_factory.mktemp("trial")
-    settings = experiment(root, num_workers=1, epochs=1, freeze="layer4")
+    settings = experiment(root, num_workers=1, epochs=1, freeze="last1")
     run_dir = root / "runs" / "single"
     first = train.fit(from_dict(settings), manifest, run_dir)
     first_meta = train.read_meta(first.checkpoint.path)
@@ -369,7 +369,7 @@ def test_a_corrupt_image_in_a_trial_is_a_one_line_error(ray_local, manifest, tmp
 
 def test_a_run_without_workers_trains_here_and_resumes(manifest, tmp_path):
     """train.num_workers 0: the loop in this process, no Ray; checkpoints in the run folder."""
-    settings = experiment(tmp_path, num_workers=0, epochs=1, freeze="fc", cache_prefix=False)
+    settings = experiment(tmp_path, num_workers=0, epochs=1, freeze="head", cache_prefix=False)
     first = train.fit(from_dict(settings), manifest, tmp_path / "run")
     settings["train"]["epochs"] = 2
     second = train.fit(from_dict(settings), manifest, tmp_path / "run")
