@@ -266,9 +266,9 @@ def _time_total(result: tune.Result, history: pd.DataFrame) -> pd.Series:
 def _last_checkpoint_path(result: tune.Result) -> str | None:
     """The checkpoint of a trial's last report: Tune's own for a trial that trained in its
     process, else the `checkpoint_path` metric of its Train run (see TuneReportCallback)."""
-    if result.checkpoint is not None and not (result.metrics or {}).get(CHECKPOINT_PATH):
-        return result.checkpoint.path
     last = (result.metrics or {}).get(CHECKPOINT_PATH)
+    if not last and result.checkpoint is not None:
+        return result.checkpoint.path
     frame = result.metrics_dataframe
     if last or frame is None or CHECKPOINT_PATH not in frame:
         return last

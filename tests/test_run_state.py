@@ -112,8 +112,12 @@ def _checkpoint(folder: Path, epochs: int) -> str:
     return str(folder)
 
 
-def _result(path: Path, trial_id: str, reported: list[dict], metrics: dict):
+def _result(path: Path, trial_id: str, reported: list[dict], metrics: dict,
+            checkpoint: str | None = None):
+    """A Tune Result as trials_table reads it (`checkpoint`: Tune's own, for a trial that
+    trained in its process)."""
     return SimpleNamespace(path=str(path / trial_id), error=None, metrics=metrics,
+                           checkpoint=checkpoint and SimpleNamespace(path=checkpoint),
                            metrics_dataframe=pd.DataFrame(reported),
                            config={"freeze": "head", "lr": 0.01, "scheduler": "none",
                                    "repeat": 0})
@@ -123,6 +127,7 @@ def test_trials_table_comes_from_the_checkpoints(tmp_path):
     exp = config.load(None, [f"storage_path={tmp_path}"])
     first = _checkpoint(tmp_path / "a" / "checkpoint_epoch_0003", 3)
     second = _checkpoint(tmp_path / "b" / "checkpoint_epoch_0002", 2)
+    third = _checkpoint(tmp_path / "d" / "checkpoint_000001", 2)
     results = [
         # restored after epoch 2: Tune's own record holds only epoch 3
         _result(tmp_path, "a", [{"epoch": 3, "checkpoint_path": first, "time_total_s": 50.0}],
@@ -132,9 +137,11 @@ def test_trials_table_comes_from_the_checkpoints(tmp_path):
                 {"trial_id": "b", "checkpoint_path": second}),
         _result(tmp_path, "b", [{"epoch": 2}], {"trial_id": "b", "checkpoint_path": second}),
         _result(tmp_path, "c", [], {}),  # failed before its first epoch
+        # trained in its trial's process: Tune holds the checkpoint, no checkpoint_path metric
+        _result(tmp_path, "d", [{"epoch": 2}], {"trial_id": "d"}, checkpoint=third),
     ]
     table = tuning.trials_table(exp, results)
     assert table.groupby("trial_id")["epoch"].apply(list).to_dict() == {"a": [1, 2, 3],
-                                                                       "b": [1, 2]}
+                                                                       "b": [1, 2], "d": [1, 2]}
     assert table.loc[table.trial_id == "a", "time_total_s"].tolist() == [2.0, 4.0, 50.0]
-    assert set(table.checkpoint_path) == {first, second}
+    assert set(table.checkpoint_path) == {first, second, third}
