@@ -83,8 +83,10 @@ class TrunkRunner:
     """
 
     def __init__(self, trunk: list | nn.Module, use_gpu: bool, amp: bool, channels_last: bool,
-                 threads: int | None, dtype: str, compile: bool = False) -> None:
+                 threads: int | None, dtype: str, compile: bool = False,
+                 decode_size: tuple[int, int] | None = None) -> None:
         trunk = ray.get(trunk[0]) if isinstance(trunk, list) else trunk
+        self.decode_size = decode_size  # rows in: the actor decodes them itself first
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -114,8 +116,10 @@ class TrunkRunner:
                 return self.trunk(inputs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Features of a `decode_rows` batch; each row carries its share of the batch's time
-        on the trunk (`trunk_seconds`) beside that of decoding."""
+        """Features of a `decode_rows` batch (or of rows, with `decode_size`); each row carries
+        its share of the batch's time on the trunk (`trunk_seconds`) beside that of decoding."""
+        if self.decode_size is not None:
+            batch = decode_rows(batch, self.decode_size)
         started = time.perf_counter()
         ok = batch["error"] == ""
         out = None
@@ -267,10 +271,13 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
     dataset = ray.data.from_pandas([rows.iloc[part] for part in
                                     np.array_split(np.arange(len(rows)), blocks) if len(part)])
     dataset.context.execution_options.preserve_order = True
-    fused_decode = not cfg.use_gpu  # same resources as the actors: Ray Data fuses the two
-    dataset = dataset.map_batches(
-        decode_rows, fn_kwargs={"size": tuple(image_size)}, batch_size=cfg.batch_size,
-        batch_format="numpy", num_cpus=cfg.cpus_per_actor if fused_decode else 1)
+    # on CPUs each actor decodes its own rows (no second operator to hold CPUs); with GPUs,
+    # CPU tasks decode in parallel for the GPU actors
+    fused_decode = not cfg.use_gpu
+    if not fused_decode:
+        dataset = dataset.map_batches(decode_rows, fn_kwargs={"size": tuple(image_size)},
+                                      batch_size=cfg.batch_size, batch_format="numpy",
+                                      num_cpus=1)
     gpu = {"num_gpus": 1} if cfg.use_gpu else {}
     # Ray Data keeps an actor pool's constructor in the object store, and Ray logs an ERROR
     # for every such actor that may restart (ray-project/ray#53727): max_restarts=0, so a lost
@@ -282,7 +289,8 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
             TrunkRunner, fn_constructor_kwargs={
                 "trunk": [ray.put(trunk)], "use_gpu": cfg.use_gpu, "amp": cfg.amp,
                 "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype,
-                "compile": cfg.compile},
+                "compile": cfg.compile,
+                "decode_size": tuple(image_size) if fused_decode else None},
             compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
             batch_format="numpy", num_cpus=cfg.cpus_per_actor, max_restarts=0, **gpu)
     return (dataset.iter_batches(batch_size=None, batch_format="numpy"),
