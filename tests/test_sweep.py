@@ -252,10 +252,18 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
     assert_same_numbers(results, tmp_path / "clean" / "smoke", killed, once)
 
 
+def within(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """`frame` with its image paths relative to the results folder (each run generates its
+    synthetic images under its own)."""
+    return frame.assign(path=frame["path"].str.removeprefix(f"{root}/"))
+
+
 def assert_same_numbers(a: Path, b: Path, trials_a: pd.DataFrame, trials_b: pd.DataFrame):
     """Features, the sweep's metrics, the SVM's choice and every prediction are equal."""
-    pd.testing.assert_frame_equal(pd.read_parquet(a / "features" / "features.parquet"),
-                                  pd.read_parquet(b / "features" / "features.parquet"))
+    def features(root: Path) -> pd.DataFrame:
+        return within(pd.read_parquet(root / "features" / "features.parquet"), root)
+
+    pd.testing.assert_frame_equal(features(a), features(b))
     metrics = ["freeze", "lr", "repeat", "epoch", "train_loss", "train_accuracy",
                "valid_loss", "valid_accuracy", "valid_macro_f1"]
     keys = ["freeze", "lr", "repeat", "epoch"]
@@ -267,7 +275,7 @@ def assert_same_numbers(a: Path, b: Path, trials_a: pd.DataFrame, trials_b: pd.D
         predictions_a, record_a = read_run(a / run)
         predictions_b, record_b = read_run(b / run)
         assert record_a.get("selected") == record_b.get("selected"), run
-        pd.testing.assert_frame_equal(predictions_a, predictions_b)
+        pd.testing.assert_frame_equal(within(predictions_a, a), within(predictions_b, b))
 
 
 def test_sigint_stops_cleanly_and_resume_finishes(tmp_path):
