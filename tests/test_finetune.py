@@ -268,14 +268,15 @@ def test_gradual_unfreezing_changes_the_trainable_set_at_the_right_epochs(gradua
 # ---------------------------------------------------------------- a worker's bad input
 
 @pytest.mark.slow
-def test_a_corrupt_image_in_a_worker_is_a_one_line_error(ray_local, manifest, tmp_path):
+@pytest.mark.parametrize("workers", [2, 1], ids=["worker-group", "trial-process"])
+def test_a_corrupt_image_is_a_one_line_error(ray_local, manifest, tmp_path, workers):
     frame = pd.read_parquet(manifest)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     frame.loc[frame.index[frame.split == "train"][0], "path"] = str(broken)
     corrupt = tmp_path / "manifest.parquet"
     frame.to_parquet(corrupt)
-    exp = from_dict(experiment(tmp_path, epochs=1))
+    exp = from_dict(experiment(tmp_path, epochs=1, num_workers=workers))
     with pytest.raises(BoatrayError, match="cannot decode image .*broken.jpg") as error:
         train.fit(exp, corrupt, tmp_path / "run")
     assert "\n" not in str(error.value)
@@ -351,20 +352,6 @@ def test_tune_retries_a_killed_trial_from_its_last_checkpoint(ray_local, manifes
     assert (tmp_path / "crashed").exists() and result.error is None
     assert result.metrics_dataframe["epoch"].tolist() == [1, 2]  # epoch 1 ran once
     assert [h["epoch"] for h in train.read_meta(result.checkpoint.path)["history"]] == [1, 2]
-
-
-@pytest.mark.slow
-def test_a_corrupt_image_in_a_trial_is_a_one_line_error(ray_local, manifest, tmp_path):
-    frame = pd.read_parquet(manifest)
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8 not really a jpeg")
-    frame.loc[frame.index[frame.split == "train"][0], "path"] = str(broken)
-    corrupt = tmp_path / "manifest.parquet"
-    frame.to_parquet(corrupt)
-    exp = from_dict(experiment(tmp_path, epochs=1, num_workers=1))
-    with pytest.raises(BoatrayError, match="cannot decode image .*broken.jpg") as error:
-        train.fit(exp, corrupt, tmp_path / "run")
-    assert "\n" not in str(error.value)
 
 
 def test_a_run_without_workers_trains_here_and_resumes(manifest, tmp_path):
