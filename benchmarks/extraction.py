@@ -7,10 +7,10 @@ weights (one random-init state dict saved to a file; timings do not depend on th
 
 - lab: torchvision ResNet trunk (`children()[:-1]`), a Dataset with the lab's transform,
   DataLoader batch 8, fp32, contiguous tensors, `torch.no_grad()`;
-- boatray core, in process: `features.decode_rows` + `features.TrunkRunner` (uint8 decode,
+- boatray core, in process: `pipeline.decode_rows` + `pipeline.TrunkRunner` (uint8 decode,
   normalisation on the device, channels_last, inference mode; bf16 autocast on a GPU), with
   `--compile` with `compile=True` (torch.compile, inductor freezing; compile time apart);
-- boatray `features.extract`: the real Ray Data pipeline (rows -> decode + trunk actors ->
+- boatray `pipeline.extract`: the real Ray Data pipeline (rows -> decode + trunk actors ->
   features.parquet), timed as a whole, with the local Ray instance's start-up shown apart; with
   `--compile` a second row with `features.compile` on (compiled inside the actor, so its
   compile time is in the row). Each row's features.json splits it into start-up (until the
@@ -36,9 +36,10 @@ import ray
 import torch
 from torch import nn
 
-from boatray import features, models
+from boatray import models
 from boatray.config import FeaturesConfig, ModelConfig
 from boatray.data.manifest import read_manifest
+from boatray.features import featurefile, pipeline
 from common import (
     SAMPLE,
     image_tree,
@@ -109,22 +110,22 @@ def core_extract(weights_file: Path, arch: str, manifest: Path, size: tuple[int,
     # the work (its processes count in the tree's memory, not in the timing)
     start_ray(address="local", include_dashboard=False, log_to_driver=False, num_cpus=1)
     try:
-        runner = features.TrunkRunner([ray.put(trunk)], use_gpu=device.type == "cuda",
+        runner = pipeline.TrunkRunner([ray.put(trunk)], use_gpu=device.type == "cuda",
                                       amp=True, channels_last=True, threads=None,
                                       dtype="float32", compile=compile_trunk)
-        rows = {c: frame[c].to_numpy() for c in features.COLUMNS}
+        rows = {c: frame[c].to_numpy() for c in pipeline.COLUMNS}
         batches = [{c: v[i:i + batch_size] for c, v in rows.items()}
                    for i in range(0, len(frame), batch_size)]
         compile_seconds = 0.0
         if compile_trunk:  # the first call compiles
             start = time.perf_counter()
-            runner(features.decode_rows(batches[0], size))
+            runner(pipeline.decode_rows(batches[0], size))
             synchronize(device)
             compile_seconds = time.perf_counter() - start
         out = []
         start = time.perf_counter()
         for batch in batches:
-            out.append(runner(features.decode_rows(batch, size))["features"])
+            out.append(runner(pipeline.decode_rows(batch, size))["features"])
         synchronize(device)
         seconds = time.perf_counter() - start
     finally:
@@ -134,17 +135,17 @@ def core_extract(weights_file: Path, arch: str, manifest: Path, size: tuple[int,
 
 def ray_extract(manifest: Path, out: Path, model: ModelConfig, cfg: FeaturesConfig,
                 size: tuple[int, int]) -> dict:
-    """boatray's `features.extract` on a local Ray instance started here: features, Ray's
+    """boatray's `pipeline.extract` on a local Ray instance started here: features, Ray's
     start-up, the wall seconds of the extraction and its features.json stats."""
     quiet_ray_data()
     result = {"ray_start": start_ray(address="local", include_dashboard=False,
                                      log_to_driver=False, num_gpus=torch.cuda.device_count())}
     try:
         started = time.perf_counter()
-        features.extract(manifest, out, model, cfg, size)
+        pipeline.extract(manifest, out, model, cfg, size)
         result["wall"] = time.perf_counter() - started
-        result["x"], _ = features.read_features(out)
-        result["stats"] = features.feature_info(out)["extraction"]
+        result["x"], _ = featurefile.read_features(out)
+        result["stats"] = featurefile.feature_info(out)["extraction"]
     finally:
         ray.shutdown()
     return result
@@ -196,7 +197,7 @@ def main() -> None:
         for compiled in (False, True) if args.compile else (False,):
             cfg = FeaturesConfig(batch_size=args.batch_size, use_gpu=device.type == "cuda",
                                  compile=compiled)
-            name = "boatray features.extract" + (" + features.compile" if compiled else "")
+            name = "boatray pipeline.extract" + (" + features.compile" if compiled else "")
             try:
                 result, memory = isolated(ray_extract, manifest,
                                           work / f"ray-compile-{compiled}.parquet", model, cfg,

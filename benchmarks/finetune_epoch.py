@@ -9,7 +9,7 @@ starting weights (a random-init state dict saved to a file):
 - lab: torchvision ResNet with every parameter frozen but the trainable stages, a Dataset
   with the lab's transform, DataLoader batch 8 (shuffled), Adam, fp32, eager, `model.train()`,
   then a validation pass, as the lab's per-epoch loop did;
-- boatray: `train.fit` (the Ray Train worker loop, the sweep's trial) with
+- boatray: `trainer.fit` (the Ray Train worker loop, the sweep's trial) with
   `train.cache_prefix` true and false. By default in Ray Train's local mode
   (`train.num_workers=0`: the same worker function in this process, no worker group), so the
   row is the epoch and not the 30-55 s start-up of a worker group on this machine;
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from boatray import models, prefix_cache, train
+from boatray import models
 from boatray.config import FREEZE_SPECS, from_dict
 from boatray.data.manifest import read_manifest
+from boatray.finetune import prefix_cache, trainer
 from common import (
     SAMPLE,
     image_tree,
@@ -105,7 +106,7 @@ def lab_run(weights_file: Path, arch: str, manifest: Path, freeze: str, epochs: 
 
 
 def boatray_run(manifest: Path, settings: dict, use_ray: bool) -> dict:
-    """`train.fit` of one run with `settings` (an experiment dict): its last epoch's metrics,
+    """`trainer.fit` of one run with `settings` (an experiment dict): its last epoch's metrics,
     the run's wall time and, where it built a frozen-prefix cache, the cache's build time."""
     import ray
 
@@ -117,7 +118,7 @@ def boatray_run(manifest: Path, settings: dict, use_ray: bool) -> dict:
     exp = from_dict(settings)
     try:
         started = time.perf_counter()
-        result = train.fit(exp, manifest, exp.results_dir / "run")
+        result = trainer.fit(exp, manifest, exp.results_dir / "run")
         seconds = time.perf_counter() - started
     finally:
         ray.shutdown()
@@ -153,7 +154,7 @@ def main() -> None:
             settings = experiment(args, weights_file, freeze, cache, device, work / "storage")
             run, memory = isolated(boatray_run, manifest, settings, cache or args.workers > 0,
                                    device=device)
-            rows.append({"path": f"boatray train.fit ({args.workers} workers)",
+            rows.append({"path": f"boatray trainer.fit ({args.workers} workers)",
                          "freeze": freeze, "cache": "on" if cache else "off", **run,
                          "train vs lab": ratio(run["train images/s"], lab["train images/s"]),
                          "run vs lab": ratio(lab["run s"], run["run s"]), **memory})

@@ -25,9 +25,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from boatray import config, models, prefix_cache
+from boatray import config, freezing, models
 from boatray.data.images import decode, normalize, to_chw
 from boatray.data.manifest import prepare, read_manifest
+from boatray.finetune import prefix_cache
 
 LAB16_TRAIN_VALID, LAB16_TEST = 3869, 1324
 STARTUP_S = 55.0
@@ -72,7 +73,7 @@ def measure(exp: config.Experiment, paths: list[str]) -> dict[str, tuple[float, 
         costs["plain timm forward"] = timed(lambda: model.forward_head(
             model.forward_features(batch), pre_logits=True), n)
     for spec in dict.fromkeys(exp.sweep.freeze):
-        models.freeze(model, models.GRADUAL[-1] if spec == "gradual" else spec)
+        freezing.freeze(model, freezing.GRADUAL[-1] if spec == "gradual" else spec)
         run = dataclasses.replace(exp, train=dataclasses.replace(exp.train, freeze=spec))
         cut = prefix_cache.cached_stage(run)[0]
         if cut is not None and prefix_cache.estimated_speedup(
@@ -86,7 +87,7 @@ def measure(exp: config.Experiment, paths: list[str]) -> dict[str, tuple[float, 
                     lambda c=cut: models.trunk(model, c)(batch), n)
             costs[f"{spec}: valid forward"] = timed(
                 lambda net=network, x=inputs: net.eval()(x), n)
-        models.train_mode(model)
+        freezing.train_mode(model)
         costs[f"{spec}: train step" + ("" if cut is None else " (cached)")] = timed(
             train_step(network, inputs, labels), n)
         model.eval()

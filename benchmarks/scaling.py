@@ -10,11 +10,11 @@ disturbs other Ray instances on the machine (AutoscalingCluster is avoided: it r
 workers compete with each other, with the Ray processes and with anything else running: the
 efficiency printed is what this machine gives, not what two real nodes would.
 
-- extraction: `features.extract` over real JPEGs with `features.num_actors` 1 and 2, one
+- extraction: `pipeline.extract` over real JPEGs with `features.num_actors` 1 and 2, one
   torch thread and one CPU each (on CPUs the pipeline decodes inside its actors), so two
   actors take one node each. Throughput is the pipeline's own images/s (features.json: actor
   start included);
-- training: `train.fit` for `--epochs` epochs with `train.num_workers` 1 and 2 (one CPU each:
+- training: `trainer.fit` for `--epochs` epochs with `train.num_workers` 1 and 2 (one CPU each:
   one worker per node; DDP over gloo), every stage trained; throughput is the last epoch's
   training images/s over all workers (the first epoch includes warm-up).
 
@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 
-from boatray import features, models, train
+from boatray import models
 from boatray.cluster import free_ports
 from boatray.config import FeaturesConfig, ModelConfig, from_dict
 from boatray.data.manifest import read_manifest
+from boatray.features import featurefile, pipeline
+from boatray.finetune import trainer
 from common import (
     SAMPLE,
     PeakMemory,
@@ -96,7 +98,7 @@ def placed(before: dict[str, str], after: dict[str, str], names: dict[str, str])
 
 def extraction_rows(args, manifest: Path, weights_file: Path, work: Path, address: str,
                     names: dict[str, str]) -> list[dict]:
-    """features.extract with 1 and 2 actors."""
+    """pipeline.extract with 1 and 2 actors."""
     model = ModelConfig(name=args.model, weights=str(weights_file))
     rows = []
     for actors in (1, 2):
@@ -106,9 +108,9 @@ def extraction_rows(args, manifest: Path, weights_file: Path, work: Path, addres
         out = work / f"features-{actors}.parquet"
         with PeakMemory() as memory:
             started = time.perf_counter()
-            features.extract(manifest, out, model, cfg, args.size)
+            pipeline.extract(manifest, out, model, cfg, args.size)
             wall = time.perf_counter() - started
-        stats = features.feature_info(out)["extraction"]
+        stats = featurefile.feature_info(out)["extraction"]
         rows.append({"work": "extraction", "workers": actors,
                      "nodes": placed(before, actor_nodes(address, "MapWorker"), names),
                      "images": stats["images"], "wall s": wall,
@@ -118,7 +120,7 @@ def extraction_rows(args, manifest: Path, weights_file: Path, work: Path, addres
 
 def training_rows(args, manifest: Path, weights_file: Path, work: Path, address: str,
                   names: dict[str, str]) -> list[dict]:
-    """train.fit with 1 and 2 workers, every stage trained."""
+    """trainer.fit with 1 and 2 workers, every stage trained."""
     rows = []
     for workers in (1, 2):
         exp = from_dict({
@@ -130,7 +132,7 @@ def training_rows(args, manifest: Path, weights_file: Path, work: Path, address:
         before = actor_nodes(address, "RayTrainWorker")
         with PeakMemory() as memory:
             started = time.perf_counter()
-            result = train.fit(exp, manifest, work / f"train-{workers}")
+            result = trainer.fit(exp, manifest, work / f"train-{workers}")
             wall = time.perf_counter() - started
         metrics = result.metrics
         rows.append({"work": f"training ({args.epochs} epochs)", "workers": workers,

@@ -11,6 +11,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import urlunsplit
 
 import ray
 
@@ -51,7 +52,7 @@ def start_ray(address: str | None = None, **kwargs) -> None:
             ray.init(address=address, **kwargs)
             return
         (port,) = free_ports()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = urlunsplit(("http", f"127.0.0.1:{port}", "", "", ""))
         ray.init(address=LOCAL, include_dashboard=True, dashboard_port=port, **kwargs)
     except Exception as exc:  # noqa: BLE001 - e.g. a node start-up timeout is a bare Exception
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ray import tune
 
-LOGS_DIR = "logs"
+from boatray.results import Layout
 
 
 def ray_logs_dir() -> Path | None:
@@ -38,7 +38,7 @@ def keep_ray_logs(results_dir: Path) -> Path | None:
     source = ray_logs_dir()
     if source is None or not source.is_dir():
         return None
-    target = Path(results_dir) / LOGS_DIR
+    target = Layout(Path(results_dir)).logs
     target.mkdir(parents=True, exist_ok=True)
     for path in source.glob("*"):
         if path.is_file() and path.suffix in (".out", ".err", ".log"):

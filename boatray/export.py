@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from boatray import models, svm, train
+from boatray import models
 from boatray.errors import BoatrayError
+from boatray.finetune.checkpoints import MODEL_FILE, read_meta
 from boatray.results import atomic_write, atomic_write_text
+from boatray.svm.estimators import rbf_gram, squared_distances
 
-MODELS_DIR = "models"
 SPEC = "model.json"
 WEIGHTS = "weights.pt"
 HEAD = "head.npz"
@@ -34,17 +35,12 @@ TRUNK = "trunk.pt"
 FORMAT = "boatray-model/1"
 
 
-def model_dir(results_dir: str | Path, run: str) -> Path:
-    """results/<experiment>/models/<run>/."""
-    return Path(results_dir) / MODELS_DIR / run
-
-
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, approach: str) -> Path:
     """A fine-tune or baseline checkpoint folder (model.pt + meta.json) as a model folder."""
-    meta = train.read_meta(checkpoint_dir)
+    meta = read_meta(checkpoint_dir)
     out_dir = Path(out_dir)
     atomic_write(out_dir / WEIGHTS,
-                 lambda tmp: shutil.copyfile(Path(checkpoint_dir) / train.MODEL_FILE, tmp))
+                 lambda tmp: shutil.copyfile(Path(checkpoint_dir) / MODEL_FILE, tmp))
     return _write_spec(out_dir, {"kind": "network", "approach": approach,
                                  "classes": meta["classes"], "image_size": meta["image_size"],
                                  "model": {"name": meta["model"]["name"],
@@ -52,7 +48,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, approach:
 
 
 def trunk_path(features_path: str | Path) -> Path:
-    """trunk.pt beside features.parquet: the weights of the trunk that computed them."""
+    """trunk.pt beside a features file: the weights of the trunk that computed them."""
     return Path(features_path).with_name(TRUNK)
 
 
@@ -62,7 +58,7 @@ def save_trunk(trunk: nn.Module, features_path: str | Path) -> Path:
 
 
 def head_arrays(head: str, estimator: Any) -> dict[str, np.ndarray]:
-    """A fitted `svm.RbfSvm` or linear-probe pipeline as plain arrays."""
+    """A fitted `RbfSvm` or linear-probe pipeline as plain arrays."""
     if head == "probe":
         scaler, logistic = estimator[0], estimator[-1]
         return {"mean": scaler.mean_, "scale": scaler.scale_, "coef": logistic.coef_,
@@ -144,9 +140,9 @@ def logistic_proba(x: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np
 
 
 def svm_margins(scaled: np.ndarray, head: dict[str, np.ndarray]) -> np.ndarray:
-    """The RBF SVM's one-vs-one decision values, placed as `svm.pairwise_margins` places them
+    """The RBF SVM's one-vs-one decision values, placed as `RbfSvm.decision_function` places them
     (one column per pair of the calibrator's classes; 0 for a class the SVM never saw)."""
-    kernel = svm.rbf_gram(svm.squared_distances(scaled, head["support"]), float(head["gamma"]))
+    kernel = rbf_gram(squared_distances(scaled, head["support"]), float(head["gamma"]))
     starts = np.concatenate([[0], np.cumsum(head["n_support"])])
     pair_classes = list(head["pair_classes"])
     pairs = {p: i for i, p in enumerate(itertools.combinations(range(len(pair_classes)), 2))}

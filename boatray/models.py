@@ -1,17 +1,11 @@
-"""The model registry (torchvision ResNets, EfficientNet-Lite0, the lab's BetterCNN), weights,
-freezing, cut points.
+"""The model registry: torchvision ResNets, EfficientNet-Lite0 and the lab's BetterCNN.
 
 `build(name, weights, num_classes, pooling)` is the one way to make a model (timm style: each
-architecture registers itself with `register`, naming its cut points). A model knows nothing of
-training; this module adds what the study varies around it:
-
-- weights: a torchvision weights name (`IMAGENET1K_V1` is the lab's `pretrained=True`), the
-  packaged `IMAGENET` of efficientnet_lite0 (boatray.lite0), a local state-dict file, or `none`;
-- freeze specs that mean the same on every backbone (`FREEZE_SPECS`: the head only, the last
-  one to four stages, all, gradual), `train_mode` that keeps frozen BatchNorm layers in eval
-  mode, and `param_groups` with discriminative learning rates;
-- cut points: `trunk(model, upto)` and `suffix(model, after)` share the model's modules and
-  compose to the model, so features and the frozen-prefix cache run exactly its layers.
+architecture registers itself with `register`, naming its cut points). Weights: a torchvision
+weights name (`IMAGENET1K_V1` is the lab's `pretrained=True`), efficientnet_lite0's packaged
+`IMAGENET`, a local state-dict file, or `none`. Cut points: `trunk(model, upto)` and
+`suffix(model, after)` share the model's modules and compose to the model, so features and the
+frozen-prefix cache run exactly its layers. What trains is boatray.freezing's.
 """
 
 from __future__ import annotations
@@ -31,12 +25,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from boatray.errors import BoatrayError
-
-FREEZE_SPECS = ("head", "last1", "last2", "last3", "last4", "all", "gradual")
-"""What trains: the head only, the last k stages + head, everything, or gradual unfreezing."""
-
-GRADUAL = FREEZE_SPECS[:-1]
-"""The phases of gradual unfreezing, head first."""
 
 RESNET_CUTS = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
 LITE0_CUTS = ("stem", "stride4", "stride8", "stride16", "stride32", "pool")
@@ -279,7 +267,7 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP (`.module`) or torch.compile (`._orig_mod`) wrapper."""
     while True:
         for attr in ("module", "_orig_mod"):
@@ -292,7 +280,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _head_name(model: nn.Module) -> str:
-    model = _unwrap(model)
+    model = unwrap(model)
     return "fc3" if isinstance(model, BetterCNN) else "classifier" if _is_lite0(model) else "fc"
 
 
@@ -300,10 +288,10 @@ def _is_lite0(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.") and hasattr(model, "conv_head")
 
 
-def _stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     """The model as an ordered table stage -> modules (its cut points, then `head`); running
     them in order is `model(x)`."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if isinstance(model, torchvision.models.ResNet):
         return {"stem": [model.conv1, model.bn1, model.relu, model.maxpool],
                 "layer1": [model.layer1], "layer2": [model.layer2], "layer3": [model.layer3],
@@ -323,9 +311,9 @@ def _stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def _cut(model: nn.Module, stage: str) -> tuple[list[str], list[str]]:
-    table = list(_stage_modules(model))
+    table = list(stage_modules(model))
     if stage not in table[:-1]:
-        raise BoatrayError(f"unknown cut point {stage!r} for {type(_unwrap(model)).__name__}; "
+        raise BoatrayError(f"unknown cut point {stage!r} for {type(unwrap(model)).__name__}; "
                            f"choose one of {', '.join(table[:-1])}")
     index = table.index(stage) + 1
     return table[:index], table[index:]
@@ -345,88 +333,14 @@ def trunk(model: nn.Module, upto: str = "pool") -> nn.Sequential:
     `pool` gives the globally pooled, flattened features (2,048-d for resnet50); a stage name
     (`layer3`, ...) gives that stage's feature maps.
     """
-    table = _stage_modules(model)
+    table = stage_modules(model)
     return nn.Sequential(*(m for s in _cut(model, upto)[0] for m in table[s]))
 
 
 def suffix(model: nn.Module, after: str = "pool") -> nn.Sequential:
     """The rest of the model after `after`: `suffix(model, s)(trunk(model, s)(x)) == model(x)`."""
-    table = _stage_modules(model)
+    table = stage_modules(model)
     return nn.Sequential(*(m for s in _cut(model, after)[1] for m in table[s]))
-
-
-def _trainable_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """Stages that hold parameters, input to output (the head last), with their parameters."""
-    out = []
-    for stage, modules in _stage_modules(model).items():
-        params = [p for m in modules for p in m.parameters()]
-        if params:
-            out.append((stage, params))
-    return out
-
-
-def _first_trainable(stages: Sequence[str], spec: str, what: str) -> int:
-    """Index into `stages` (input to output, head last) of the first stage `spec` trains."""
-    if spec not in GRADUAL:
-        raise BoatrayError(f"unknown freeze spec {spec!r}; choose one of "
-                           f"{', '.join(GRADUAL)} (or gradual, as a schedule)")
-    if spec == "all":
-        return 0
-    first = len(stages) - 1 - (0 if spec == "head" else int(spec.removeprefix("last")))
-    if first < 1:
-        raise BoatrayError(f"freeze {spec!r}: {what} has only {len(stages) - 1} stages "
-                           "before its head")
-    return first
-
-
-def freeze(model: nn.Module, spec: str) -> None:
-    """Make what `spec` trains trainable and the rest not: `head` (the head only), `lastK`
-    (the last K stages and the head), `all`. `gradual` is a schedule of these
-    (`gradual_schedule`). BetterCNN trains from scratch: only `all`."""
-    stages = _trainable_stages(model)
-    if isinstance(_unwrap(model), BetterCNN) and spec != "all":
-        raise BoatrayError(f"bettercnn trains from scratch: freeze must be 'all', got {spec!r}")
-    first = _first_trainable([s for s, _ in stages], spec, type(_unwrap(model)).__name__)
-    for index, (_, params) in enumerate(stages):
-        for param in params:
-            param.requires_grad_(index >= first)
-
-
-def gradual_schedule(epoch: int, every: int) -> str:
-    """The freeze spec of gradual unfreezing at 0-based `epoch`: `head` for the first `every`
-    epochs, then one stage more every `every` epochs (`last1`, ..., `last4`), then `all`."""
-    return GRADUAL[min(epoch // max(every, 1), len(GRADUAL) - 1)]
-
-
-def frozen_prefix(name: str, spec: str) -> str | None:
-    """The last cut point of model `name` that `spec` leaves entirely frozen (None for
-    `all`/`gradual`): its trunk computes the same activations every epoch when there is no
-    random augmentation."""
-    if spec not in GRADUAL[:-1]:
-        return None
-    if spec == "head":
-        return "pool"
-    cuts = cut_points(name)
-    stages = (*cuts[:-1], "head")  # the stages that hold parameters (pool has none)
-    return cuts[_first_trainable(stages, spec, name) - 1]
-
-
-def stage_table(name: str) -> list[dict[str, str]]:
-    """What each freeze spec trains on model `name`: its stages and their module names."""
-    model = build(name, "none", 2)
-    where = {id(m): n for n, m in model.named_modules()}
-    stages = [s for s, _ in _trainable_stages(model)]
-    table = _stage_modules(model)
-    rows = []
-    for spec in ("all",) if isinstance(model, BetterCNN) else GRADUAL:
-        try:
-            trained = stages[_first_trainable(stages, spec, name):]
-        except BoatrayError:  # a spec deeper than this backbone
-            continue
-        modules = [where[id(m)] for s in trained for m in table[s] if id(m) in where]
-        rows.append({"freeze": spec, "stages": " + ".join(trained),
-                     "modules": ", ".join(dict.fromkeys(modules))})
-    return rows
 
 
 def weights_source(name: str, weights: str) -> dict[str, str]:
@@ -451,13 +365,6 @@ def weights_source(name: str, weights: str) -> dict[str, str]:
             "file": Path(resolved.url).name}
 
 
-def describe(name: str, weights: str) -> dict:
-    """The backbone as the report names it: model, weights and their source, and what each
-    freeze spec trains (`stage_table`)."""
-    return {"model": name, "weights": weights_source(name, weights),
-            "stages": stage_table(name)}
-
-
 def file_sha256(path: str | Path) -> str:
     """A file's SHA-256 (hex)."""
     digest = hashlib.sha256()
@@ -467,33 +374,3 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def train_mode(model: nn.Module) -> nn.Module:
-    """`model.train()`, then every BatchNorm layer whose parameters are all frozen back to eval,
-    so frozen stages keep their running statistics (and compute what the cache stored)."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
-    return model
-
-
-def param_groups(model: nn.Module, lr: float, lr_decay: float = 1.0) -> list[dict]:
-    """Optimizer groups of the trainable parameters, one per stage (key `stage`).
-
-    The head gets `lr`, and each earlier stage `lr * lr_decay**k`, k stages before the head
-    (discriminative learning rates; `lr_decay=1` gives every group `lr`).
-    """
-    stages = _trainable_stages(model)
-    groups = []
-    for k, (stage, params) in enumerate(reversed(stages)):
-        trainable = [p for p in params if p.requires_grad]
-        if trainable:
-            groups.append({"params": trainable, "lr": lr * lr_decay ** k, "stage": stage})
-    return groups[::-1]
-
-
-def trainable_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that require gradients (without any DDP/compile prefix)."""
-    return {name for name, p in _unwrap(model).named_parameters() if p.requires_grad}

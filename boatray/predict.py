@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,11 +23,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from boatray import export, sessions, train
+from boatray import export, storage
 from boatray.data import images
 from boatray.data.imagefiles import Exclusions, is_hidden, is_image_name, keep_intact
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError, cli
+from boatray.finetune.checkpoints import META_FILE, latest_checkpoint, load_model
+from boatray.finetune.engine import predict_logits
 from boatray.results import (
     atomic_write,
     atomic_write_parquet,
@@ -48,20 +51,12 @@ def device_for(use_gpu: bool) -> torch.device:
 
 @contextlib.contextmanager
 def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
-    """A checkpoint as a local folder for the `with` block.
-
-    A checkpoint folder as it is; a run folder gives its latest checkpoint; a URI on
-    Ray's storage (s3://bucket/..., gs://...) is downloaded to a temporary folder.
-    """
-    if "://" in str(checkpoint):
-        from ray.train import Checkpoint
-
-        with Checkpoint(str(checkpoint)).as_directory() as directory:
-            yield Path(directory)
-        return
-    path = Path(checkpoint)
-    found = None if (path / train.META_FILE).is_file() else sessions.latest_checkpoint(path)
-    yield path if found is None else Path(found)
+    """A checkpoint as a local folder for the `with` block: a checkpoint folder as it is, a run
+    folder's latest checkpoint; one on a remote storage is downloaded to a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="boatray-checkpoint-") as temporary:
+        path = storage.local_copy(checkpoint, Path(temporary) / "checkpoint")
+        found = None if (path / META_FILE).is_file() else latest_checkpoint(path)
+        yield path if found is None else Path(found)
 
 
 def predict_proba(model: torch.nn.Module, dataset: images.ImageDataset, *, batch_size: int = 32,
@@ -76,7 +71,7 @@ def predict_proba(model: torch.nn.Module, dataset: images.ImageDataset, *, batch
                      else torch.preserve_format)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers,
                         pin_memory=on_gpu)
-    logits, _ = train.outputs(model, loader, device, amp=on_gpu, channels_last=on_gpu)
+    logits, _ = predict_logits(model, loader, device, amp=on_gpu, channels_last=on_gpu)
     return torch.softmax(logits.double(), dim=1).numpy()
 
 
@@ -85,7 +80,7 @@ def predict_checkpoint(checkpoint: str | Path, manifest: str | Path,
                        use_gpu: bool = False, loader_workers: int = 0) -> pd.DataFrame:
     """The predictions table of a checkpoint on the given splits of a manifest."""
     with local_checkpoint(checkpoint) as directory:
-        model, meta = train.load_model(directory)
+        model, meta = load_model(directory)
     frame, classes = read_manifest(manifest)
     if classes != meta["classes"]:
         raise BoatrayError(f"manifest {manifest} has other classes than checkpoint {checkpoint}")
@@ -118,7 +113,7 @@ def open_model(model: str | Path | None = None, checkpoint: str | Path | None = 
     if model is not None:
         return export.load(model)
     with local_checkpoint(checkpoint) as directory:
-        network, meta = train.load_model(directory)
+        network, meta = load_model(directory)
     return export.Model({"classes": meta["classes"], "image_size": meta["image_size"]},
                         network)
 
@@ -142,7 +137,7 @@ def predict_folder(model: export.Model, folder: str | Path, batch_size: int = 32
     on_gpu = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers,
                         pin_memory=on_gpu)
-    outputs, _ = train.outputs(model.network.to(device), loader, device, amp=on_gpu,
+    outputs, _ = predict_logits(model.network.to(device), loader, device, amp=on_gpu,
                                channels_last=False)
     return predictions_frame([str(p) for p in paths], FOLDER_SPLIT, labels,
                              model.proba(outputs), classes), exclusions
@@ -196,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "probe)")
     model.add_argument("--checkpoint",
                        help="checkpoint folder (holds model.pt and meta.json), a run folder "
-                            "(its latest checkpoint) or a storage URI (s3://...)")
+                            "(its latest checkpoint) or a storage URI (S3, GCS, ...)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", "--folder", dest="folder",
                         help="folder of images (searched recursively; an image's parent folder "

@@ -1,17 +1,9 @@
-"""The contract between approaches and the report: predictions.parquet and run.json.
+"""The results folder: its layout, and the contract between approaches and the report.
 
-Every approach (fine-tune, SVM, linear probe, BetterCNN baseline) writes, in its own run
-folder under results/<experiment>/:
-
-- `predictions.parquet`: one row per evaluated image with `path`, `split` (valid/test),
-  `y_true`, `y_pred` (class indices) and one probability column `proba::<ClassName>` per
-  class, in class-index order;
-- `run.json`: `approach`, `name`, `classes`, `config`, `wall_seconds`, `device_seconds`,
-  `images_per_second`, `host` and anything else worth keeping (e.g. `history`, a list of
-  per-epoch metric dicts for learning curves).
-
-All writes are atomic (write to a temporary file, then rename), so a killed run never
-leaves a half-written file behind.
+`Layout` names every file and folder of results/<experiment>/. Every approach writes, in its
+run folder under runs/, `predictions.parquet` (one row per evaluated image: `path`, `split`,
+`y_true`, `y_pred`, and a `proba::<Class>` column per class in class-index order) and
+`run.json` (a `RunRecord`). All writes are atomic: a killed run never leaves half a file.
 """
 
 from __future__ import annotations
@@ -22,6 +14,7 @@ import platform
 import socket
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +25,146 @@ from boatray.errors import BoatrayError
 
 PREDICTIONS = "predictions.parquet"
 RUN_JSON = "run.json"
+FEATURES = "features.parquet"
 PROBA_PREFIX = "proba::"
 APPROACHES = ("finetune", "svm", "probe", "baseline")
+@dataclass(frozen=True)
+class Layout:
+    """Every file and folder of one experiment's results folder, `root`.
+
+    Ray's folders (tune/, train/) and the caches (cache/) are named relative to the storage
+    location too (`TUNE`, `TRAIN`, `CACHE`): with a remote storage_path they live there only.
+    """
+
+    root: Path
+    TUNE = "tune"
+    TRAIN = "train"
+    CACHE = "cache"
+
+    @property
+    def experiment(self) -> Path:
+        """The experiment's config as the run used it (a resume must match it)."""
+        return self.root / "experiment.json"
+
+    @property
+    def backbone(self) -> Path:
+        """Which backbone and weights the run used, and where the weights came from."""
+        return self.root / "backbone.json"
+
+    @property
+    def trials(self) -> Path:
+        """The sweep's trials, one row per trial per epoch."""
+        return self.root / "trials.parquet"
+
+    @property
+    def data(self) -> Path:
+        """The manifest (and generated images)."""
+        return self.root / "data"
+
+    @property
+    def runs(self) -> Path:
+        """Run folders, one per evaluated model."""
+        return self.root / "runs"
+
+    def run(self, name: str) -> Path:
+        """The run folder `name`."""
+        return self.runs / name
+
+    @property
+    def features(self) -> Path:
+        """The extracted features (the stats file beside it: `featurefile.stats_path`)."""
+        return self.root / "features" / FEATURES
+
+    @property
+    def models(self) -> Path:
+        """Exported models, one folder per run (boatray.export)."""
+        return self.root / "models"
+
+    @property
+    def report(self) -> Path:
+        """report.md, report.html and their plots."""
+        return self.root / "report"
+
+    @property
+    def logs(self) -> Path:
+        """Ray's worker output and the tracebacks of failed stages."""
+        return self.root / "logs"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the one process running the experiment."""
+        return self.root / "run.lock"
+
+    @property
+    def state(self) -> Path:
+        """Whether the last run is running, finished or was interrupted."""
+        return self.root / "run_state.json"
+
+
+def run_name(config_id: str, repeat: int | None = None) -> str:
+    """The one naming scheme of run folders: the configuration's id, and `-r<repeat>` for an
+    approach that repeats with other seeds (`svm`, `finetune-last1-lr1e-03-none-r0`)."""
+    return config_id if repeat is None else f"{config_id}-r{int(repeat)}"
+
+
+def finetune_config_id(freeze: str, lr: float, scheduler: str) -> str:
+    """What groups the repeats of a fine-tuning configuration: finetune-last1-lr1e-03-none."""
+    return f"finetune-{freeze}-lr{lr:.0e}-{scheduler}"
+
+
+BASELINE_CONFIG_ID = "baseline-bettercnn"
+
+
+@dataclass
+class RunRecord:
+    """run.json: what a run was, how long it took, and what its approach adds (`details`)."""
+
+    approach: str
+    name: str
+    wall_seconds: float
+    config_id: str | None = None
+    classes: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    device_seconds: float | None = None
+    images_per_second: float | None = None
+    host: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    """Approach-specific: `history` (per-epoch metrics), `selected`, `grid`, `freeze`, ..."""
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "run.json") -> RunRecord:
+        """A record from run.json's object: known keys become fields, the rest `details`;
+        a missing or mistyped field is a one-line BoatrayError."""
+        if not isinstance(raw, dict):
+            raise BoatrayError(f"{where}: not a JSON object")
+        names = {f.name for f in fields(cls)} - {"details"}
+        missing = {"approach", "name", "wall_seconds"} - set(raw)
+        if missing:
+            raise BoatrayError(f"{where}: lacks {', '.join(sorted(missing))}")
+        if raw["approach"] not in APPROACHES:
+            raise BoatrayError(f"{where}: unknown approach {raw['approach']!r}")
+        if not isinstance(raw["wall_seconds"], (int, float)):
+            raise BoatrayError(f"{where}: wall_seconds is not a number")
+        known = {k: v for k, v in raw.items() if k in names}
+        return cls(**known, details={k: v for k, v in raw.items() if k not in names})
+
+    def to_json(self) -> dict[str, Any]:
+        """run.json's object: the fields, then the details, at one level."""
+        raw = asdict(self)
+        return {**{k: v for k, v in raw.items() if k != "details"}, **raw["details"]}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field or a detail by its run.json key."""
+        return self.to_json().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        raw = self.to_json()
+        if key not in raw:
+            raise KeyError(key)
+        return raw[key]
+
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: results files get the modes that open() would give them
 
@@ -125,34 +256,38 @@ def host_info() -> dict[str, Any]:
     return info
 
 
-def write_run(run_dir: str | Path, predictions: pd.DataFrame, run: dict[str, Any]) -> Path:
-    """Write a run folder's predictions.parquet and run.json (predictions first)."""
-    missing = {"approach", "name", "wall_seconds"} - set(run)
-    if missing:
-        raise ValueError(f"run.json needs {sorted(missing)}")
+def write_run(run_dir: str | Path, predictions: pd.DataFrame, record: RunRecord) -> Path:
+    """Write a run folder's predictions.parquet, then its run.json (with the classes and the
+    host added)."""
     run_dir = Path(run_dir)
     atomic_write_parquet(run_dir / PREDICTIONS, predictions)
-    record = {"classes": classes_of(predictions), "host": host_info(), **run}
-    atomic_write_text(run_dir / RUN_JSON, json.dumps(record, indent=2, default=_jsonable))
+    record = RunRecord.from_json({**record.to_json(), "classes": classes_of(predictions),
+                                  "host": record.host or host_info()}, str(run_dir / RUN_JSON))
+    atomic_write_text(run_dir / RUN_JSON,
+                      json.dumps(record.to_json(), indent=2, default=_jsonable))
     return run_dir
 
 
-def read_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a run folder back: (predictions, run record)."""
+def read_run(run_dir: str | Path) -> tuple[pd.DataFrame, RunRecord]:
+    """Read a run folder back: (predictions, its validated run record)."""
     run_dir = Path(run_dir)
     try:
-        run = json.loads((run_dir / RUN_JSON).read_text())
+        raw = json.loads((run_dir / RUN_JSON).read_text())
         predictions = pd.read_parquet(run_dir / PREDICTIONS)
     except FileNotFoundError as exc:
         raise BoatrayError(
             f"{run_dir} is not a complete run folder: {exc.filename} is missing") from None
-    return predictions, run
+    return predictions, RunRecord.from_json(raw, str(run_dir / RUN_JSON))
+
+
+def is_run(folder: str | Path) -> bool:
+    """Whether a folder is a complete run folder (both files)."""
+    return (Path(folder) / RUN_JSON).is_file() and (Path(folder) / PREDICTIONS).is_file()
 
 
 def find_runs(results_dir: str | Path) -> list[Path]:
-    """Every complete run folder (one with both files) below `results_dir`, sorted."""
-    root = Path(results_dir)
-    return sorted(p.parent for p in root.rglob(RUN_JSON) if (p.parent / PREDICTIONS).is_file())
+    """Every complete run folder below `results_dir`, sorted."""
+    return sorted(p.parent for p in Path(results_dir).rglob(RUN_JSON) if is_run(p.parent))
 
 
 def _jsonable(value: Any) -> Any:

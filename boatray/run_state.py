@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from boatray.errors import BoatrayError
-from boatray.results import atomic_write_text
-
-LOCK = "run.lock"
-STATE = "run_state.json"
+from boatray.results import Layout, atomic_write_text
 
 
 class RunLock:
@@ -29,7 +26,7 @@ class RunLock:
     run.lock, which the system releases when the process ends however it ends."""
 
     def __init__(self, results_dir: Path) -> None:
-        self.path = Path(results_dir) / LOCK
+        self.path = Layout(Path(results_dir)).lock
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -71,14 +68,14 @@ def _holder(path: Path) -> str:
 def write_state(results_dir: Path, status: str, **details: Any) -> None:
     """Record the run's state: running, interrupted (with the signal) or finished (with the
     failed stages)."""
-    atomic_write_text(Path(results_dir) / STATE,
+    atomic_write_text(Layout(Path(results_dir)).state,
                       json.dumps({"status": status, **details}, indent=2) + "\n")
 
 
 def read_state(results_dir: Path) -> dict[str, Any] | None:
     """The recorded state, or None when the folder has none (or it cannot be read)."""
     try:
-        state = json.loads((Path(results_dir) / STATE).read_text())
+        state = json.loads(Layout(Path(results_dir)).state.read_text())
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None

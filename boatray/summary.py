@@ -1,5 +1,5 @@
 """The block the sweep prints last: who won, by how much, at what cost, what failed, and what
-to do next (the report's file:// URL, a ready-to-run predict command).
+to do next (the report's file URL, a ready-to-run predict command).
 
 It reads what the report wrote (tables/headline.csv and tables/mcnemar.csv, so its figures
 are the report's) and the run folders (for the exported model of the winner).
@@ -17,6 +17,7 @@ from boatray import export
 from boatray.errors import BoatrayError
 from boatray.report import tables
 from boatray.report.study import load_study
+from boatray.results import Layout
 
 METRICS = {"valid_macro_f1": ("macro_f1", "macro F1"), "valid_accuracy": ("accuracy", "accuracy"),
            "valid_loss": ("accuracy", "accuracy")}
@@ -59,7 +60,7 @@ def _outcome(results_dir: Path, report_dir: Path, sweep_metric: str) -> list[str
         lines.append(f"fastest: {fast['configuration']}, {fast['train_seconds']:.1f} s counting "
                      "everything it needed (feature extraction, frozen-prefix cache)")
     winner = contenders[best["configuration"]]
-    folder = export.model_dir(results_dir, winner.runs[0].folder.name)
+    folder = Layout(Path(results_dir)).models / winner.runs[0].folder.name
     if (folder / export.SPEC).is_file():
         images = os.path.commonpath([str(Path(p).parent) for p in winner.tests[0]["path"]])
         lines.append("predict with it: " + shlex.join([

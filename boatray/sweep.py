@@ -1,19 +1,10 @@
 """`python -m boatray.sweep`: the whole study end to end, on a local Ray instance or a cluster.
 
-Stages, each writing into results/<experiment>/ (DESIGN.md):
-
-1. data: the manifest (prepared once, reused on resume);
-2. fine-tuning sweep: Ray Tune over freeze x lr (x scheduler) x repeats, one Ray Train run per
-   trial; trials.parquet; test evaluation of the overall best and the best per freeze spec;
-3. features + SVM: Ray Data extraction, SVM and logistic-regression probe on the driver;
-4. baseline: BetterCNN from scratch through the same training loop;
-5. the comparison report.
-
-A stage that fails is reported in one line and the others still run, so nothing already
-computed is lost. The driver holds results/<experiment>/run.lock (one run per folder) and
-records the run's state in run_state.json; SIGINT/SIGTERM stop it cleanly (boatray.interrupt)
-with the command that finishes it, and `--resume` finishes an interrupted or killed run
-without repeating finished work.
+Stages, each writing into results/<experiment>/ (results.Layout): the data's manifest, the
+fine-tuning sweep, features + SVM, the BetterCNN baseline, and the comparison report. A stage
+that fails is reported in one line and the others still run. One run holds a results folder at
+a time (run_state); SIGINT/SIGTERM stop it cleanly with the command that finishes it, and
+`--resume` finishes an interrupted or killed run without repeating finished work.
 """
 
 from __future__ import annotations
@@ -30,13 +21,10 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
-
-from boatray import config as config_module
 from boatray import (
+    baseline,
     console,
-    features,
-    finetune,
+    freezing,
     interrupt,
     models,
     preflight,
@@ -44,18 +32,16 @@ from boatray import (
     run_state,
     storage,
     summary,
-    svm,
-    train,
-    tuning,
 )
+from boatray import config as config_module
 from boatray.cluster import start_ray
 from boatray.config import Experiment
 from boatray.data.manifest import ensure_manifest, read_manifest
 from boatray.errors import BoatrayError, cli
-from boatray.results import RUN_JSON, atomic_write_text
-
-EXPERIMENT_JSON = "experiment.json"
-BACKBONE_JSON = "backbone.json"
+from boatray.features.pipeline import extract_experiment
+from boatray.finetune import stage as finetune_stage
+from boatray.results import atomic_write_text
+from boatray.svm.heads import fit_experiment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,13 +73,13 @@ def check_results_dir(exp: Experiment, resume: bool) -> None:
     """
     if exp.remote_storage:  # the staging folder is refilled; the lock this process holds stays
         for child in exp.results_dir.iterdir():
-            if child.name != run_state.LOCK:
+            if child != exp.layout.lock:
                 if child.is_dir():
                     shutil.rmtree(child)
                 else:
                     child.unlink()
-        storage.mirror_down(exp)
-    record = exp.results_dir / EXPERIMENT_JSON
+        storage.mirror_down(exp.results_dir, exp.storage_uri)
+    record = exp.layout.experiment
     if not record.is_file():
         return
     if not resume:
@@ -117,65 +103,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def stage_sweep(exp: Experiment, manifest: Path, resume: bool) -> None:
-    """Fine-tuning sweep, trials.parquet, and test evaluation of the selected configurations."""
-    train.check_inputs(exp, manifest)
-    results = tuning.run_sweep(exp, manifest, resume=resume)
-    table = tuning.trials_table(exp, results)
-    tuning.write_trials(exp, table)
-    errors = [r.error for r in results if r.error]
-    print(f"[sweep] {table['trial_id'].nunique()} trials, {len(errors)} failed; "
-          f"trials.parquet written", flush=True)
-    for choice in tuning.select(table, exp.sweep.metric):
-        for trial in choice["trials"]:
-            evaluate_trial(exp, manifest, choice, trial, table)
-
-
-def evaluate_trial(exp: Experiment, manifest: Path, choice: dict, trial: dict,
-                   table: pd.DataFrame) -> None:
-    """Predict valid and test with a selected trial's last checkpoint; write its run folder."""
-    name = (f"finetune-{choice['freeze']}-lr{choice['lr']:.0e}-{choice['scheduler']}"
-            f"-r{int(trial['repeat'])}")
-    run_dir = exp.results_dir / finetune.RUNS_DIR / name
-    if (run_dir / RUN_JSON).is_file():
-        return
-    history = table[table["trial_id"] == trial["trial_id"]]
-    wall = float(history["time_total_s"].max())
-    finetune.evaluate_and_write(
-        tuning.trial_experiment(exp.to_dict(), trial), manifest,
-        tuning.trial_checkpoint(exp, trial["checkpoint_path"]), run_dir,
-        {"selected": choice["selected"], "valid_score": choice["score"],
-         "config_id": name.rsplit("-r", 1)[0], "trial_id": trial["trial_id"],
-         "wall_seconds": wall}, time.perf_counter() - wall)
-    print(f"[sweep] evaluated {name} ({choice['selected']}) on the test split", flush=True)
-
-
 def stage_features_svm(exp: Experiment, manifest: Path, resume: bool) -> None:
-    """Ray Data feature extraction, then the SVM and the linear probe on the driver."""
-    features_path = exp.results_dir / "features" / "features.parquet"
-    if not (resume and features_path.is_file()):
-        features.extract_for(exp, manifest, features_path)
-    svm.run_for(exp, features_path, exp.results_dir / finetune.RUNS_DIR)
-
-
-def stage_baseline(exp: Experiment, manifest: Path, resume: bool) -> None:
-    """BetterCNN from scratch through the same Ray Train loop, once per `sweep.repeats` seed
-    (the fine-tunes' seeds), grouped as one configuration in the report."""
-    base = finetune.baseline_experiment(exp)
-    for repeat in range(exp.sweep.repeats):
-        run_dir = exp.results_dir / finetune.RUNS_DIR / f"baseline-bettercnn-r{repeat}"
-        if resume and (run_dir / RUN_JSON).is_file():
-            continue
-        base.train.seed = exp.seed + repeat
-        finetune.run(base, manifest, run_dir, approach="baseline",
-                     record={"config_id": "baseline-bettercnn"})
+    """Feature extraction (kept on resume), then the SVM and the linear probe on the driver."""
+    features = exp.layout.features
+    if not (resume and features.is_file()):
+        extract_experiment(exp, manifest, features)
+    fit_experiment(exp, features, exp.layout.runs)
 
 
 def _cause(exc: Exception, exp: Experiment, title: str) -> str:
     """A failure in one line; an unexpected exception's traceback goes to results/.../logs/."""
     if isinstance(exc, BoatrayError):
         return str(exc)
-    log = exp.results_dir / "logs" / f"{re.sub(r'[^a-z0-9]+', '-', title.lower())}.traceback.txt"
+    log = exp.layout.logs / f"{re.sub(r'[^a-z0-9]+', '-', title.lower())}.traceback.txt"
     atomic_write_text(log, traceback.format_exc())
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first} (traceback: {log})"
@@ -190,11 +130,12 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
     """Run every enabled stage; return their failures, one line each (the other stages still
     run whatever the exception). A signal (`interrupt.Interrupted`) stops them all."""
     stages: list[tuple[str, bool, Callable[[], object]]] = [
-        ("fine-tuning sweep", exp.sweep.enabled, lambda: stage_sweep(exp, manifest, resume)),
+        ("fine-tuning sweep", exp.sweep.enabled,
+         lambda: finetune_stage.run_stage(exp, manifest, resume)),
         ("features + SVM", exp.features.enabled,
          lambda: stage_features_svm(exp, manifest, resume)),
         ("BetterCNN baseline", exp.baseline.enabled,
-         lambda: stage_baseline(exp, manifest, resume)),
+         lambda: baseline.run_stage(exp, manifest, resume)),
     ]
     failures = []
     for title, enabled, stage in stages:
@@ -211,7 +152,7 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
             print(f"[boatray] {title}: FAILED: {cause}", flush=True)
             continue
         finally:
-            storage.mirror_up(exp)
+            storage.mirror_up(exp.results_dir, exp.storage_uri)
         print(f"[boatray] {title}: done in {time.monotonic() - started:.0f} s", flush=True)
     return failures
 
@@ -238,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = shlex.join(["python", "-m", "boatray.sweep", *given,
                              *([] if args.resume else ["--resume"])])
         run_state.write_state(exp.results_dir, "interrupted", signal=str(stop), resume=resume)
-        storage.mirror_up(exp)
+        storage.mirror_up(exp.results_dir, exp.storage_uri)
         print(f"[boatray] stopped by {stop}; nothing finished is lost. Finish the run with: "
               f"{resume}", file=sys.stderr, flush=True)
         return stop.exit_code
@@ -252,13 +193,13 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
               logging_level=logging.INFO if verbose else logging.WARNING)
     if not verbose:
         console.quiet_driver_logs()
-        print(f"[boatray] Ray's worker output: {exp.results_dir / console.LOGS_DIR} (at the "
+        print(f"[boatray] Ray's worker output: {exp.layout.logs} (at the "
               f"end; live in {console.ray_logs_dir()}; --verbose shows it here)", flush=True)
     run_exp, _ = preflight.check(exp)
     manifest = ensure_manifest(exp)
-    atomic_write_text(exp.results_dir / EXPERIMENT_JSON, json.dumps(exp.to_dict(), indent=2))
-    atomic_write_text(exp.results_dir / BACKBONE_JSON,
-                      json.dumps(models.describe(exp.model.name, exp.model.weights), indent=2))
+    atomic_write_text(exp.layout.experiment, json.dumps(exp.to_dict(), indent=2))
+    atomic_write_text(exp.layout.backbone,
+                      json.dumps(freezing.describe(exp.model.name, exp.model.weights), indent=2))
     run_state.write_state(exp.results_dir, "running")
     try:
         failures = run_stages(run_exp, manifest, resume)
@@ -271,7 +212,7 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
         report_path = stage_report(run_exp)
     except Exception as exc:  # noqa: BLE001 - a failed report loses nothing else
         failures.append(f"report: {_cause(exc, exp, 'report')}")
-    storage.mirror_up(exp)
+    storage.mirror_up(exp.results_dir, exp.storage_uri)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr, flush=True)
     print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min"

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from boatray import models, predict, prefix_cache, train, tuning
+from boatray import freezing, models, predict
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
+from boatray.finetune import checkpoints, loop, prefix_cache, trainer, tuning
 from boatray.results import proba_of
 
 SIZE = [32, 96]
@@ -117,8 +118,9 @@ def test_a_cache_that_would_not_pay_is_not_computed(tmp_path, manifest, monkeypa
     """layer3 of resnet18 (freeze last2) saves about a quarter of an epoch's FLOPs: below the
     default train.cache_min_speedup; the prefix of last1 saves more than half."""
     network = models.build("resnet18", "none", CLASSES)
-    by_spec = {spec: prefix_cache.estimated_speedup(network, models.frozen_prefix("resnet18", spec),
-                                                    SIZE) for spec in ("head", "last1", "last2")}
+    by_spec = {spec: prefix_cache.estimated_speedup(
+        network, freezing.frozen_prefix("resnet18", spec), SIZE)
+        for spec in ("head", "last1", "last2")}
     assert by_spec["head"] > 1000 and by_spec["last1"] > 2 > by_spec["last2"] > 1.2
     monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("computed"))
     assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="last2")), manifest) is None
@@ -151,7 +153,7 @@ def test_the_sweep_computes_one_cache_per_frozen_prefix_and_seed(tmp_path, monke
 def runs(ray_local, manifest, tmp_path_factory) -> dict:
     """Final states (and last metrics) of in-process runs, cached and on images."""
     root = tmp_path_factory.mktemp("cache-runs")
-    save, saved, out = train.save_checkpoint, {}, {}
+    save, saved, out = checkpoints.save_checkpoint, {}, {}
 
     def keep(directory, module, *rest):
         saved["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -162,11 +164,11 @@ def runs(ray_local, manifest, tmp_path_factory) -> dict:
             ("last1-cached", "last1", True, "float16"),
             ("last1-cached-float32", "last1", True, "float32")]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "save_checkpoint", keep)
+        patch.setattr(loop, "save_checkpoint", keep)
         for name, freeze, cache, dtype in plan:
             patch.setattr(prefix_cache, "DTYPE", dtype)
             exp = from_dict(settings(root / "results", freeze=freeze, cache_prefix=cache))
-            result = train.fit(exp, manifest, root / "runs" / name)
+            result = trainer.fit(exp, manifest, root / "runs" / name)
             out[name] = {"state": saved.pop("state"), "metrics": result.metrics, "exp": exp}
     return out
 
@@ -249,14 +251,14 @@ def test_a_cached_run_with_two_workers_saves_a_model_that_predicts_images(
     raw = settings(Path(runs["last1-cached"]["exp"].storage_path), freeze="last1",
                    num_workers=2, cpus_per_worker=1, epochs=1)
     exp = from_dict(raw)
-    result = train.fit(exp, manifest, tmp_path / "run")
+    result = trainer.fit(exp, manifest, tmp_path / "run")
     assert "training from cached layer3 activations" in capsys.readouterr().out
-    meta = json.loads((Path(result.checkpoint.path) / train.META_FILE).read_text())
+    meta = json.loads((Path(result.checkpoint.path) / checkpoints.META_FILE).read_text())
     assert meta["prefix_cache"] and "layer3" in meta["prefix_cache"]
 
     frame, _ = manifest_module.read_manifest(manifest)
     on_images = predict.predict_checkpoint(result.checkpoint.path, manifest, ("valid",))
-    model, _ = train.load_model(result.checkpoint.path)
+    model, _ = checkpoints.load_model(result.checkpoint.path)
     folder, _ = prefix_cache.open_cache(meta["prefix_cache"])
     cached = torch.from_numpy(np.load(folder / "valid.npy")).float()
     with torch.inference_mode():

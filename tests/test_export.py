@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from boatray import export, models, predict, svm, train
+from boatray import export, models, predict
 from boatray.config import SvmConfig, SyntheticConfig
 from boatray.data.synthetic import class_names, generate
 from boatray.errors import BoatrayError
+from boatray.finetune import checkpoints, engine
+from boatray.svm import heads
 
 CLASSES = class_names(4)
 SIZE = (24, 32)
@@ -32,11 +34,11 @@ def trunk_features(trunk: torch.nn.Module, paths: list[str]) -> np.ndarray:
 
     loader = torch.utils.data.DataLoader(ImageDataset(paths, [0] * len(paths), SIZE),
                                          batch_size=8)
-    outputs, _ = train.outputs(trunk.eval(), loader, torch.device("cpu"))
+    outputs, _ = engine.predict_logits(trunk.eval(), loader, torch.device("cpu"))
     return outputs.flatten(1).numpy()
 
 
-@pytest.mark.parametrize("head", svm.HEADS)
+@pytest.mark.parametrize("head", heads.HEADS)
 def test_a_head_exported_as_arrays_predicts_like_the_fitted_model(head, images, tmp_path):
     torch.manual_seed(0)
     network = models.build("resnet18", "none", len(CLASSES), "avg")
@@ -47,7 +49,7 @@ def test_a_head_exported_as_arrays_predicts_like_the_fitted_model(head, images, 
     labels = np.array([CLASSES.index(p.split("/")[-2]) for p in paths])
     x = trunk_features(trunk, paths)
     cfg = SvmConfig(C=[1.0], gamma=["scale"], probe_C=[1.0])
-    fitted = svm.make_head(head, {"C": 1.0, "gamma": "scale"}, cfg, 0).fit(x, labels)
+    fitted = heads.make_head(head, {"C": 1.0, "gamma": "scale"}, cfg, 0).fit(x, labels)
     info = {"classes": CLASSES, "image_size": list(SIZE), "stage": "pool",
             "model": {"name": "resnet18", "weights": "none", "pooling": "avg"}}
     folder = export.export_head(head, fitted, info, features, tmp_path / "models" / head)
@@ -56,7 +58,7 @@ def test_a_head_exported_as_arrays_predicts_like_the_fitted_model(head, images, 
     np.load(folder / export.HEAD, allow_pickle=False)  # plain arrays: no pickle needed
     torch.load(folder / export.WEIGHTS, weights_only=True)
     table, _ = predict.predict_folder(export.load(folder), images)
-    expected = svm.full_proba(fitted, x, len(CLASSES))
+    expected = heads.full_proba(fitted, x, len(CLASSES))
     order = [paths.index(p) for p in table.path]
     np.testing.assert_allclose(table[[f"proba::{c}" for c in CLASSES]].to_numpy(),
                                expected[order], atol=1e-4)
@@ -67,8 +69,8 @@ def test_the_predict_cli_writes_class_names_as_csv_or_parquet(images, tmp_path, 
     network = models.build("bettercnn", "none", len(CLASSES), "avg")
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
-    torch.save(network.state_dict(), checkpoint / train.MODEL_FILE)
-    (checkpoint / train.META_FILE).write_text(json.dumps({
+    torch.save(network.state_dict(), checkpoint / checkpoints.MODEL_FILE)
+    (checkpoint / checkpoints.META_FILE).write_text(json.dumps({
         "classes": CLASSES, "image_size": list(SIZE),
         "model": {"name": "bettercnn", "pooling": "avg"}}))
     folder = export.export_checkpoint(checkpoint, tmp_path / "models" / "baseline", "baseline")

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from boatray import features, models, svm
+from boatray import models
 from boatray.config import SvmConfig, SyntheticConfig
 from boatray.data import synthetic
 from boatray.data.images import decode_batch, normalize, to_chw
 from boatray.data.manifest import prepare, read_manifest
+from boatray.features import __main__ as features_cli
+from boatray.features import featurefile, pipeline
 from boatray.results import PROBA_PREFIX, read_run
+from boatray.svm import heads
 
 SIZE = (32, 96)
 
@@ -41,7 +44,7 @@ def dataset(tmp_path_factory):
 def extracted(dataset, ray_local):
     """`python -m boatray.features` (in-process) with two CPU actors."""
     out = dataset["root"] / "out" / "features.parquet"
-    code = features.main([
+    code = features_cli.main([
         "--manifest", str(dataset["manifest"]), "--out", str(out),
         "--set", "model.name=resnet18", "--set", f"model.weights={dataset['weights']}",
         "--set", f"data.image_size=[{SIZE[0]}, {SIZE[1]}]", "--set", "features.batch_size=8",
@@ -51,7 +54,7 @@ def extracted(dataset, ray_local):
 
 
 def test_ray_data_features_equal_a_plain_loop(dataset, extracted):
-    x, frame = features.read_features(extracted)
+    x, frame = featurefile.read_features(extracted)
     kept = dataset["frame"][dataset["frame"].path != dataset["broken"]]
     assert frame.path.tolist() == kept.path.tolist()  # every good image, in manifest order
     assert frame.label_idx.tolist() == kept.label_idx.tolist()
@@ -65,20 +68,20 @@ def test_ray_data_features_equal_a_plain_loop(dataset, extracted):
 
 
 def test_an_image_that_fails_to_decode_is_reported(dataset, extracted, capsys):
-    stats = json.loads(features.stats_path(extracted).read_text())
+    stats = json.loads(featurefile.stats_path(extracted).read_text())
     assert [f["path"] for f in stats["failed"]] == [dataset["broken"]]
     assert "cannot decode image" in stats["failed"][0]["error"]
     assert stats["images"] == len(dataset["frame"]) - 1 and stats["images_per_second"] > 0
     assert 0 < stats["first_batch_images"] <= 8 and 0 < stats["startup_seconds"] < stats["seconds"]
     assert stats["steady_images_per_second"] > 0  # start-up apart from the steady state
     assert stats["decode_images_per_second_per_cpu"] > stats["steady_images_per_second"] / 2
-    info = features.feature_info(extracted)
+    info = featurefile.feature_info(extracted)
     assert info["classes"] == dataset["classes"] and info["shape"] == [512]
     assert info["extraction"]["failed"] == stats["failed"]
 
 
 def test_svm_on_the_features_beats_chance_widely(dataset, extracted, tmp_path):
-    svm_dir, probe_dir = svm.run(extracted, tmp_path, SvmConfig(C=[1.0, 10.0], probe_C=[0.1]))
+    svm_dir, probe_dir = heads.run(extracted, tmp_path, SvmConfig(C=[1.0, 10.0], probe_C=[0.1]))
     for run_dir in (svm_dir, probe_dir):
         predictions, record = read_run(run_dir)
         test = predictions[predictions.split == "test"]
@@ -93,17 +96,17 @@ def test_trunk_runner_gives_stage_maps_in_float16(dataset, tmp_path, ray_local):
     """The frozen-prefix cache's format: any cut point, fp16, shape kept in the metadata."""
     model = models.build("resnet18", str(dataset["weights"]), 4)
     trunk = models.trunk(model, "layer3")
-    shape = features.output_shape(trunk, SIZE)
+    shape = pipeline.output_shape(trunk, SIZE)
     paths = dataset["frame"].path[:3].to_numpy()
-    batch = features.decode_rows({"path": np.append(paths, "/missing.jpg"),
+    batch = pipeline.decode_rows({"path": np.append(paths, "/missing.jpg"),
                                   "label_idx": np.arange(4), "split": np.array(["train"] * 4)},
                                  SIZE)
-    out = features.TrunkRunner([ray_local.put(trunk)], False, True, True, 1, "float16")(batch)
+    out = pipeline.TrunkRunner([ray_local.put(trunk)], False, True, True, 1, "float16")(batch)
     assert out["features"].dtype == np.float16 and out["features"].shape == (4, np.prod(shape))
     meta = {"classes": ["a"], "shape": list(shape), "dtype": "float16"}
-    written, failed = features.write_features([out], tmp_path / "maps.parquet", meta)
+    written, failed = featurefile.write_features([out], tmp_path / "maps.parquet", meta)
     assert written == 3 and failed[0]["path"] == "/missing.jpg"
-    x, frame = features.read_features(tmp_path / "maps.parquet")
+    x, frame = featurefile.read_features(tmp_path / "maps.parquet")
     assert x.shape == (3, *shape) == (3, 256, 2, 6) and x.dtype == np.float16
     with torch.inference_mode():
         expected = trunk(normalize(to_chw(decode_batch(list(paths), SIZE)))).numpy()
@@ -124,9 +127,9 @@ def test_trunk_runner_falls_back_to_eager_when_compiling_fails(dataset, ray_loca
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     paths = dataset["frame"].path[:2].to_numpy()
-    batch = features.decode_rows({"path": paths, "label_idx": np.arange(2),
+    batch = pipeline.decode_rows({"path": paths, "label_idx": np.arange(2),
                                   "split": np.array(["train"] * 2)}, SIZE)
-    runner = features.TrunkRunner([ray_local.put(trunk)], False, True, True, 1, "float32",
+    runner = pipeline.TrunkRunner([ray_local.put(trunk)], False, True, True, 1, "float32",
                                   compile=True)
     out = runner(batch)
     assert "torch.compile failed (RuntimeError: no C++ compiler found); running eager" in (
@@ -141,9 +144,9 @@ def test_compiled_trunk_gives_the_eager_features(dataset, ray_local):
     """features.compile (torch.compile with inductor freezing) changes speed, not features."""
     trunk = models.trunk(models.build("resnet18", str(dataset["weights"]), 4), "pool")
     paths = dataset["frame"].path[:4].to_numpy()
-    batch = features.decode_rows({"path": paths, "label_idx": np.arange(4),
+    batch = pipeline.decode_rows({"path": paths, "label_idx": np.arange(4),
                                   "split": np.array(["train"] * 4)}, SIZE)
-    runs = {compiled: features.TrunkRunner([ray_local.put(trunk)], False, True, True, None,
+    runs = {compiled: pipeline.TrunkRunner([ray_local.put(trunk)], False, True, True, None,
                                            "float32", compile=compiled)(batch)["features"]
             for compiled in (False, True)}
     np.testing.assert_allclose(runs[True], runs[False], rtol=1e-3, atol=1e-3)

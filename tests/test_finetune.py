@@ -16,12 +16,15 @@ import pytest
 import torch
 import yaml
 
-from boatray import finetune, models, predict, sessions, train
+from boatray import baseline, freezing, models, predict
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
 from boatray.errors import BoatrayError
-from boatray.results import proba_of, read_run
+from boatray.finetune import __main__ as finetune_cli
+from boatray.finetune import checkpoints, loop, sessions, trainer
+from boatray.finetune import run as finetune_run
+from boatray.results import Layout, proba_of, read_run
 
 SMALL = [32, 96]
 METRICS = {"epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy",
@@ -59,24 +62,24 @@ def experiment(storage: Path, **train_settings) -> dict:
 def test_baseline_experiment_maps_the_baseline_section_onto_a_training_run(tmp_path):
     exp = from_dict(experiment(tmp_path, scheduler="plateau", class_weighted_loss=True,
                                freeze="last1", num_workers=3, seed=4))
-    base = finetune.baseline_experiment(exp)
+    base = baseline.baseline_experiment(exp)
     assert (base.model.name, base.model.weights) == ("bettercnn", "none")
     assert base.data.image_size == tuple(SMALL)
     assert (base.train.epochs, base.train.lr, base.train.batch_size) == (4, 2e-3, 8)
     assert (base.train.freeze, base.train.scheduler, base.train.class_weighted_loss) == (
         "all", "none", False)
     assert (base.train.num_workers, base.train.seed) == (3, 4)
-    assert finetune.default_run_name(base, "baseline") == "baseline-bettercnn-s4"
-    assert finetune.default_run_name(exp, "finetune") == (
-        "finetune-resnet18-last1-lr1e-03-plateau-s4")
+    assert finetune_run.default_run_name(base, "baseline") == "baseline-bettercnn-r4"
+    assert finetune_run.default_run_name(exp, "finetune") == (
+        "finetune-last1-lr1e-03-plateau-r4")
 
 
 def test_finetune_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    assert finetune.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert finetune_cli.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"train": {"freez": "fc"}}))
-    assert finetune.main(["--config", str(config)]) == 2
+    assert finetune_cli.main(["--config", str(config)]) == 2
     assert "unknown key 'train.freez'" in capsys.readouterr().err
 
 
@@ -86,13 +89,13 @@ def test_fit_refuses_a_manifest_without_a_valid_split(tmp_path, manifest):
     frame[frame.split != "valid"].to_parquet(no_valid)
     exp = from_dict(experiment(tmp_path))
     with pytest.raises(BoatrayError, match="no valid images"):
-        train.fit(exp, no_valid, tmp_path / "run")
+        trainer.fit(exp, no_valid, tmp_path / "run")
 
 
 def test_fit_refuses_a_freeze_spec_the_model_cannot_take(tmp_path, manifest):
     exp = from_dict({**experiment(tmp_path), "model": {"name": "bettercnn", "weights": "none"}})
     with pytest.raises(BoatrayError, match="bettercnn trains from scratch"):
-        train.fit(exp, manifest, tmp_path / "run")
+        trainer.fit(exp, manifest, tmp_path / "run")
 
 
 def test_predict_cli_reports_a_folder_that_is_not_a_checkpoint(tmp_path, tree, capsys):
@@ -112,8 +115,8 @@ def baseline_run(ray_local, tree, tmp_path_factory) -> Path:
     settings = experiment(root / "results")
     settings["data"]["source"] = str(tree)
     config.write_text(yaml.safe_dump(settings))
-    assert finetune.main(["--config", str(config), "--baseline", "--name", "base"]) == 0
-    return root / "results" / "tiny" / finetune.RUNS_DIR / "base"
+    assert finetune_cli.main(["--config", str(config), "--baseline", "--name", "base"]) == 0
+    return Layout(root / "results" / "tiny").run("base")
 
 
 @pytest.mark.slow
@@ -178,8 +181,7 @@ def worker_measuring_replica_spread(config: dict) -> None:
     and buffers seen so far (`replica_spread`; 0 while DDP keeps the replicas identical)."""
     import torch.distributed as dist
 
-    from boatray import sessions
-    from boatray import train as loop
+
 
     class Measuring(sessions.WorkerSession):
         worst, module = 0.0, None
@@ -203,7 +205,7 @@ def worker_measuring_replica_spread(config: dict) -> None:
 @pytest.fixture(scope="module")
 def gradual_runs(ray_local, manifest, tmp_path_factory) -> dict:
     """Gradual unfreezing with 2 DDP workers: 2 epochs (head, then last1: one phase change,
-    measuring the replicas), then the same run resumed to 4 epochs by finetune.run."""
+    measuring the replicas), then the same run resumed to 4 epochs by finetune_run.run."""
     from ray import cloudpickle
     from ray.train.torch import TorchTrainer
 
@@ -212,7 +214,7 @@ def gradual_runs(ray_local, manifest, tmp_path_factory) -> dict:
                           weight_decay=0.05, scheduler="plateau", balanced_sampler=True,
                           class_weighted_loss=True)
     run_dir = root / "runs" / "gradual"
-    plain = train.make_trainer(from_dict(settings), manifest, run_dir.name, str(run_dir.parent))
+    plain = trainer.make_trainer(from_dict(settings), manifest, run_dir.name, str(run_dir.parent))
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         first = TorchTrainer(worker_measuring_replica_spread,
@@ -221,10 +223,10 @@ def gradual_runs(ray_local, manifest, tmp_path_factory) -> dict:
                              run_config=plain.run_config).fit()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    first_history = train.read_meta(first.checkpoint.path)["history"]
+    first_history = checkpoints.read_meta(first.checkpoint.path)["history"]
     settings["train"]["epochs"] = 4
     exp = from_dict(settings)
-    finetune.run(exp, manifest, run_dir)
+    finetune_run.run(exp, manifest, run_dir)
     return {"exp": exp, "run_dir": run_dir, "first": first, "first_history": first_history}
 
 
@@ -240,7 +242,7 @@ def test_resumed_run_continues_from_the_last_checkpoint(gradual_runs):
     history = run["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[:2] == gradual_runs["first_history"]  # epochs 1-2 were not trained again
-    assert train.read_meta(run["checkpoint"])["epoch"] == 4
+    assert checkpoints.read_meta(run["checkpoint"])["epoch"] == 4
 
 
 @pytest.mark.slow
@@ -250,14 +252,14 @@ def test_gradual_unfreezing_changes_the_trainable_set_at_the_right_epochs(gradua
     model = models.build("resnet18", "none", 4)
     expected = []
     for epoch in range(4):
-        models.freeze(model, models.gradual_schedule(epoch, 1))
+        freezing.freeze(model, freezing.gradual_schedule(epoch, 1))
         expected.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
     assert [h["trainable_parameters"] for h in run["history"]] == expected
     assert len(set(expected)) == 4  # head, then layer4, layer3, layer2 joined
 
     torch.manual_seed(exp.train.seed)  # the workers' initial model
     initial = models.build("resnet18", "none", 4).state_dict()
-    final = torch.load(Path(run["checkpoint"]) / train.MODEL_FILE, weights_only=True)
+    final = torch.load(Path(run["checkpoint"]) / checkpoints.MODEL_FILE, weights_only=True)
     for key, value in initial.items():
         if key.startswith(("conv1", "bn1", "layer1")) and "num_batches" not in key:
             assert torch.equal(value, final[key]), f"frozen {key} changed"  # incl. BN stats
@@ -278,7 +280,7 @@ def test_a_corrupt_image_is_a_one_line_error(ray_local, manifest, tmp_path, work
     frame.to_parquet(corrupt)
     exp = from_dict(experiment(tmp_path, epochs=1, num_workers=workers))
     with pytest.raises(BoatrayError, match="cannot decode image .*broken.jpg") as error:
-        train.fit(exp, corrupt, tmp_path / "run")
+        trainer.fit(exp, corrupt, tmp_path / "run")
     assert "\n" not in str(error.value)
 
 
@@ -287,14 +289,14 @@ def test_a_corrupt_image_is_a_one_line_error(ray_local, manifest, tmp_path, work
 @pytest.fixture(scope="module")
 def trial_runs(ray_local, manifest, tmp_path_factory) -> dict:
     """A 1-worker run (in a Tune trial's own process, no worker group) of 1 epoch, then the same
-    run resumed to 2 epochs by finetune.run."""
+    run resumed to 2 epochs by finetune_run.run."""
     root = tmp_path_factory.mktemp("trial")
     settings = experiment(root, num_workers=1, epochs=1, freeze="last1")
     run_dir = root / "runs" / "single"
-    first = train.fit(from_dict(settings), manifest, run_dir)
-    first_meta = train.read_meta(first.checkpoint.path)
+    first = trainer.fit(from_dict(settings), manifest, run_dir)
+    first_meta = checkpoints.read_meta(first.checkpoint.path)
     settings["train"]["epochs"] = 2
-    finetune.run(from_dict(settings), manifest, run_dir)
+    finetune_run.run(from_dict(settings), manifest, run_dir)
     return {"run_dir": run_dir, "first": first, "first_meta": first_meta}
 
 
@@ -307,8 +309,8 @@ def test_a_one_worker_run_trains_in_a_tune_trial_and_resumes(trial_runs):
     history = run["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[:1] == trial_runs["first_meta"]["history"]  # epoch 1 was not trained again
-    assert train.read_meta(run["checkpoint"])["epoch"] == 2
-    latest = sessions.latest_checkpoint(trial_runs["run_dir"])
+    assert checkpoints.read_meta(run["checkpoint"])["epoch"] == 2
+    latest = checkpoints.latest_checkpoint(trial_runs["run_dir"])
     assert Path(latest) == Path(run["checkpoint"])
     with predict.local_checkpoint(trial_runs["run_dir"]) as directory:  # a run folder
         assert directory == Path(run["checkpoint"])
@@ -328,8 +330,8 @@ class CrashOnce(sessions.TrialSession):
             os._exit(1)
 
 
-def crashing_trial(_: dict, loop: dict, marker: str) -> None:
-    train.train_loop(loop, CrashOnce(Path(marker)))
+def crashing_trial(_: dict, config: dict, marker: str) -> None:
+    loop.train_loop(config, CrashOnce(Path(marker)))
 
 
 @pytest.mark.slow
@@ -337,13 +339,13 @@ def test_tune_retries_a_killed_trial_from_its_last_checkpoint(ray_local, manifes
     from ray import cloudpickle, tune
 
     exp = from_dict(experiment(tmp_path, num_workers=1, epochs=2, max_failures=1))
-    loop = train.loop_config(exp, manifest, None)
+    config = loop.loop_config(exp, manifest, None)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         result = tune.Tuner(
             tune.with_resources(tune.with_parameters(
-                crashing_trial, loop=loop, marker=str(tmp_path / "crashed")),
-                train.trial_resources(exp.train)),
+                crashing_trial, config=config, marker=str(tmp_path / "crashed")),
+                trainer.single_worker_resources(exp.train)),
             run_config=tune.RunConfig(  # Tune wants an absolute path; tmp_path is one
                 name="retried", storage_path=str(tmp_path), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=exp.train.max_failures))).fit()[0]
@@ -351,16 +353,16 @@ def test_tune_retries_a_killed_trial_from_its_last_checkpoint(ray_local, manifes
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert (tmp_path / "crashed").exists() and result.error is None
     assert result.metrics_dataframe["epoch"].tolist() == [1, 2]  # epoch 1 ran once
-    assert [h["epoch"] for h in train.read_meta(result.checkpoint.path)["history"]] == [1, 2]
+    assert [h["epoch"] for h in checkpoints.read_meta(result.checkpoint.path)["history"]] == [1, 2]
 
 
 def test_a_run_without_workers_trains_here_and_resumes(manifest, tmp_path):
     """train.num_workers 0: the loop in this process, no Ray; checkpoints in the run folder."""
     settings = experiment(tmp_path, num_workers=0, epochs=1, freeze="head", cache_prefix=False)
-    first = train.fit(from_dict(settings), manifest, tmp_path / "run")
+    first = trainer.fit(from_dict(settings), manifest, tmp_path / "run")
     settings["train"]["epochs"] = 2
-    second = train.fit(from_dict(settings), manifest, tmp_path / "run")
+    second = trainer.fit(from_dict(settings), manifest, tmp_path / "run")
     assert (first.metrics["epoch"], second.metrics["epoch"]) == (1, 2)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_epoch_0002"]
-    history = train.read_meta(second.checkpoint.path)["history"]
+    history = checkpoints.read_meta(second.checkpoint.path)["history"]
     assert history[0] == first.metrics

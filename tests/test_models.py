@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from boatray import models
+from boatray import freezing, models
 from boatray.errors import BoatrayError
 
 SMALL = (32, 96)
@@ -37,37 +37,37 @@ def stage_of(name: str) -> str:
     ("all", set(RESNET_STAGES)),
 ])
 def test_freeze_spec_leaves_exactly_its_stages_trainable(resnet18, spec, trainable):
-    models.freeze(resnet18, spec)
+    freezing.freeze(resnet18, spec)
     names = {n for n, _ in resnet18.named_parameters()}
     expected = {n for n in names if stage_of(n) in trainable}
-    assert models.trainable_names(resnet18) == expected
-    groups = models.param_groups(resnet18, lr=1e-2, lr_decay=0.1)
+    assert freezing.trainable_names(resnet18) == expected
+    groups = freezing.param_groups(resnet18, lr=1e-2, lr_decay=0.1)
     assert sum(len(g["params"]) for g in groups) == len(expected)
     assert [g["stage"] for g in groups] == [s for s in RESNET_STAGES if s in trainable]
 
 
 def test_param_groups_decay_the_lr_of_earlier_stages(resnet18):
-    models.freeze(resnet18, "last2")
-    lrs = {g["stage"]: g["lr"] for g in models.param_groups(resnet18, lr=1e-2, lr_decay=0.5)}
+    freezing.freeze(resnet18, "last2")
+    lrs = {g["stage"]: g["lr"] for g in freezing.param_groups(resnet18, lr=1e-2, lr_decay=0.5)}
     assert lrs == pytest.approx({"head": 1e-2, "layer4": 5e-3, "layer3": 2.5e-3})
 
 
 def test_freeze_rejects_unknown_specs_and_bettercnn_partial_freezing(resnet18):
     with pytest.raises(BoatrayError, match="unknown freeze spec 'gradual'"):
-        models.freeze(resnet18, "gradual")
+        freezing.freeze(resnet18, "gradual")
     with pytest.raises(BoatrayError, match="bettercnn .* 'all'"):
-        models.freeze(models.build("bettercnn"), "head")
+        freezing.freeze(models.build("bettercnn"), "head")
 
 
 def test_gradual_schedule_unfreezes_one_stage_every_n_epochs():
-    assert [models.gradual_schedule(e, 2) for e in range(13)] == [
+    assert [freezing.gradual_schedule(e, 2) for e in range(13)] == [
         "head", "head", "last1", "last1", "last2", "last2", "last3", "last3",
         "last4", "last4", "all", "all", "all"]
 
 
 def test_frozen_batchnorm_stays_in_eval_and_keeps_its_statistics(resnet18):
-    models.freeze(resnet18, "last1")
-    models.train_mode(resnet18)
+    freezing.freeze(resnet18, "last1")
+    freezing.train_mode(resnet18)
     assert not resnet18.bn1.training and not resnet18.layer3[0].bn1.training
     assert resnet18.layer4[0].bn1.training and resnet18.training
     before = resnet18.layer3[0].bn1.running_mean.clone()
@@ -168,7 +168,7 @@ def test_trunk_and_suffix_compose_to_the_model(resnet18):
 
 
 def test_frozen_prefix_is_the_last_fully_frozen_cut_point():
-    assert [models.frozen_prefix("resnet50", s) for s in models.FREEZE_SPECS] == [
+    assert [freezing.frozen_prefix("resnet50", s) for s in freezing.FREEZE_SPECS] == [
         "pool", "layer3", "layer2", "layer1", "stem", None, None]
 
 
@@ -180,7 +180,7 @@ def test_every_backbone_names_its_cut_points_and_stages_in_its_registry_entry():
             continue
         model = models.build(name, "none", 3)
         assert tuple(models._stage_modules(model))[:-1] == models.cut_points(name), name
-    rows = {r["freeze"]: r for r in models.stage_table("resnet50")}
+    rows = {r["freeze"]: r for r in freezing.stage_table("resnet50")}
     assert rows["last2"] == {"freeze": "last2", "stages": "layer3 + layer4 + head",
                              "modules": "layer3, layer4, fc"}
-    assert [r["freeze"] for r in models.stage_table("bettercnn")] == ["all"]
+    assert [r["freeze"] for r in freezing.stage_table("bettercnn")] == ["all"]

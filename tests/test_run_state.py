@@ -14,8 +14,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from boatray import config, interrupt, run_state, sweep, train, tuning
+from boatray import config, interrupt, run_state, sweep
 from boatray.errors import BoatrayError
+from boatray.finetune import checkpoints
+from boatray.finetune import trials as sweep_trials
+from boatray.results import Layout
 
 
 def test_a_second_run_on_one_folder_is_refused_in_one_line(tmp_path):
@@ -37,7 +40,7 @@ def test_a_second_run_on_one_folder_is_refused_in_one_line(tmp_path):
 def test_the_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    lock = tmp_path / run_state.LOCK
+    lock = Layout(tmp_path).lock
     lock.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
     with run_state.RunLock(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
@@ -100,7 +103,7 @@ def test_a_failed_stage_of_any_kind_does_not_stop_the_others(tmp_path, monkeypat
     failures = sweep.run_stages(exp, tmp_path / "manifest.parquet", resume=False)
     assert ran == ["sweep", "baseline"]
     assert len(failures) == 1 and failures[0].startswith("features + SVM: KeyError: 'features'")
-    log = exp.results_dir / "logs" / "features-svm.traceback.txt"
+    log = exp.layout.logs / "features-svm.traceback.txt"
     assert str(log) in failures[0] and "KeyError" in log.read_text()
 
 
@@ -108,7 +111,7 @@ def _checkpoint(folder: Path, epochs: int) -> str:
     history = [{"epoch": e, "valid_loss": 1.0 / e, "valid_macro_f1": 0.1 * e,
                 "epoch_seconds": 2.0} for e in range(1, epochs + 1)]
     folder.mkdir(parents=True)
-    (folder / train.META_FILE).write_text(json.dumps({"epoch": epochs, "history": history}))
+    (folder / checkpoints.META_FILE).write_text(json.dumps({"epoch": epochs, "history": history}))
     return str(folder)
 
 
@@ -140,7 +143,7 @@ def test_trials_table_comes_from_the_checkpoints(tmp_path):
         # trained in its trial's process: Tune holds the checkpoint, no checkpoint_path metric
         _result(tmp_path, "d", [{"epoch": 2}], {"trial_id": "d"}, checkpoint=third),
     ]
-    table = tuning.trials_table(exp, results)
+    table = sweep_trials.trials_table(exp, results)
     assert table.groupby("trial_id")["epoch"].apply(list).to_dict() == {"a": [1, 2, 3],
                                                                        "b": [1, 2], "d": [1, 2]}
     assert table.loc[table.trial_id == "a", "time_total_s"].tolist() == [2.0, 4.0, 50.0]

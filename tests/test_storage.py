@@ -17,7 +17,7 @@ def test_remote_storage_mirrors_results_but_not_images_or_ray_state(tmp_path):
                            ("data/manifest.parquet", "m"), ("data/synthetic/train/a.jpg", "i")]:
         (staging / relative).parent.mkdir(parents=True, exist_ok=True)
         (staging / relative).write_text(text)
-    storage.mirror_up(exp)
+    storage.mirror_up(exp.results_dir, exp.storage_uri)
     remote = tmp_path / "bucket" / "mirror-test"
     (remote / "tune").mkdir()
     (remote / "tune" / "experiment_state.json").write_text("ray's")
@@ -25,7 +25,7 @@ def test_remote_storage_mirrors_results_but_not_images_or_ray_state(tmp_path):
         "data/manifest.parquet", "experiment.json", "runs/svm/run.json",
         "tune/experiment_state.json"]
     shutil.rmtree(staging)
-    storage.mirror_down(exp)
+    storage.mirror_down(exp.results_dir, exp.storage_uri)
     assert sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()) == [
         "data/manifest.parquet", "experiment.json", "runs/svm/run.json"]
     shutil.rmtree(staging)
@@ -36,6 +36,6 @@ def test_local_storage_is_left_alone(tmp_path):
     assert not exp.remote_storage
     assert exp.results_dir == Path(tmp_path) / "smoke"
     assert exp.storage_uri == str((Path(tmp_path) / "smoke").resolve())
-    storage.mirror_up(exp)
-    storage.mirror_down(exp)
+    storage.mirror_up(exp.results_dir, exp.storage_uri)
+    storage.mirror_down(exp.results_dir, exp.storage_uri)
     assert not exp.results_dir.exists()

@@ -14,10 +14,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from boatray import features, svm
-from boatray.config import SvmConfig
+from boatray.config import SvmConfig, from_dict
 from boatray.errors import BoatrayError
+from boatray.features import featurefile
 from boatray.results import PROBA_PREFIX, read_run
+from boatray.svm import __main__ as svm_cli
+from boatray.svm import estimators, heads
 
 CLASSES = ["alpha", "beta", "gamma", "delta"]
 
@@ -35,7 +37,7 @@ def blobs(n: int, dim: int = 64, spread: float = 0.25, seed: int = 0):
 @pytest.mark.parametrize("C", [0.5, 10.0])
 def test_precomputed_gram_predicts_like_sklearn_rbf(C, gamma):
     x, y = blobs(600)
-    fast = svm.RbfSvm(C=C, gamma=gamma, probability=False).fit(x[:400], y[:400])
+    fast = estimators.RbfSvm(C=C, gamma=gamma, probability=False).fit(x[:400], y[:400])
     reference = make_pipeline(StandardScaler(), SVC(C=C, gamma=gamma)).fit(x[:400], y[:400])
     scaled = StandardScaler().fit_transform(x[:400])
     expected_gamma = 1.0 / (scaled.shape[1] * scaled.var()) if gamma == "scale" else gamma
@@ -47,20 +49,21 @@ def test_precomputed_gram_predicts_like_sklearn_rbf(C, gamma):
 def test_squared_distances_match_the_direct_formula():
     x, _ = blobs(50)
     direct = ((x[:, None, :].astype(np.float64) - x[None, :20, :]) ** 2).sum(-1)
-    np.testing.assert_allclose(svm.squared_distances(x, x[:20]), direct, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(estimators.squared_distances(x, x[:20]), direct,
+                               rtol=1e-4, atol=1e-2)
 
 
 def test_probabilities_are_calibrated_and_cope_with_a_single_image_class():
     x, y = blobs(700, seed=1)
     y[0] = 3
     y[1:][y[1:] == 3] = 2  # class 3 has one training image
-    model = svm.RbfSvm(C=10.0, random_state=0).fit(x[:500], y[:500])
+    model = estimators.RbfSvm(C=10.0, random_state=0).fit(x[:500], y[:500])
     proba = model.predict_proba(x[500:])
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     assert proba.shape == (200, 4) and list(model.classes_) == [0, 1, 2, 3]
     assert log_loss(y[500:], proba, labels=range(4)) < 0.8 * log_loss(
         y[500:], np.tile(np.bincount(y[:500], minlength=4) / 500, (200, 1)), labels=range(4))
-    again = svm.RbfSvm(C=10.0, random_state=0).fit(x[:500], y[:500]).predict_proba(x[500:])
+    again = estimators.RbfSvm(C=10.0, random_state=0).fit(x[:500], y[:500]).predict_proba(x[500:])
     np.testing.assert_array_equal(proba, again)  # seeded
 
 
@@ -70,8 +73,8 @@ def write_features(path, x, y, splits):
             "image_size": [32, 96], "model": {"name": "test"}}
     batch = {"path": np.array([f"/img/{i}.jpg" for i in range(len(y))]), "label_idx": y,
              "split": np.array(splits), "error": np.array([""] * len(y)), "features": x}
-    features.write_features([batch], path, meta)
-    features.stats_path(path).write_text(json.dumps({"seconds": 2.0, "images_per_second": 5.0,
+    featurefile.write_features([batch], path, meta)
+    featurefile.stats_path(path).write_text(json.dumps({"seconds": 2.0, "images_per_second": 5.0,
                                                      "failed": []}))
     return path
 
@@ -85,7 +88,7 @@ def features_file(tmp_path):
 
 def test_run_writes_both_heads_in_the_common_format(tmp_path, features_file):
     cfg = SvmConfig(C=[0.1, 1.0, 10.0], gamma=["scale", 0.001], probe_C=[0.1, 1.0])
-    runs = svm.run(features_file, tmp_path / "runs", cfg, seed=0)
+    runs = heads.run(features_file, tmp_path / "runs", cfg, seed=0)
     assert [r.name for r in runs] == ["svm", "probe"]
     for run_dir, approach in zip(runs, ("svm", "probe")):
         predictions, record = read_run(run_dir)
@@ -101,39 +104,41 @@ def test_run_writes_both_heads_in_the_common_format(tmp_path, features_file):
 
 
 def test_refit_on_train_predicts_valid_and_test_with_one_model(tmp_path, features_file):
-    run_dir, = svm.run(features_file, tmp_path, SvmConfig(C=[1.0], refit="train", probe=False))
+    run_dir, = heads.run(features_file, tmp_path, SvmConfig(C=[1.0], refit="train", probe=False))
     predictions, record = read_run(run_dir)
     assert record["refit"] == "train" and record["selected"] == {"C": 1.0, "gamma": "scale"}
-    x, frame = features.read_features(features_file)
+    x, frame = featurefile.read_features(features_file)
     train = frame.split == "train"
-    model = svm.RbfSvm(1.0, "scale").fit(x[train], frame.label_idx[train])
+    model = estimators.RbfSvm(1.0, "scale").fit(x[train], frame.label_idx[train])
     proba = model.predict_proba(x[~train])
     np.testing.assert_array_equal(predictions.y_pred, model.classes_[proba.argmax(axis=1)])
-    assert record["label_rule"] == svm.LABEL_RULE
+    assert record["label_rule"] == heads.LABEL_RULE
     agree = np.mean(model.predict(x[~train][frame.split[~train] == "test"])
                     == predictions.y_pred[predictions.split == "test"])
     assert record["own_label_agreement"] == pytest.approx(agree)
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, features_file):
-    with pytest.raises(BoatrayError, match="svm.gamma entries must be positive numbers"):
-        svm.run(features_file, tmp_path, SvmConfig(gamma=["wide"]))
+    with pytest.raises(BoatrayError, match="svm.gamma entries must be numbers or scale, auto"):
+        from_dict({"svm": {"gamma": ["wide"]}})
+    with pytest.raises(BoatrayError, match="svm.gamma must be > 0"):
+        from_dict({"svm": {"gamma": [0.1, -1]}})
     x, y = blobs(60)
     no_valid = write_features(tmp_path / "nv.parquet", x, y, ["train"] * 40 + ["test"] * 20)
     with pytest.raises(BoatrayError, match="svm grid needs a valid split"):
-        svm.run(no_valid, tmp_path, SvmConfig(C=[1.0, 10.0]))
+        heads.run(no_valid, tmp_path, SvmConfig(C=[1.0, 10.0]))
     pq.write_table(pa.table({"a": [1]}), tmp_path / "plain.parquet")
     with pytest.raises(BoatrayError, match="not a boatray features file"):
-        svm.run(tmp_path / "plain.parquet", tmp_path, SvmConfig())
+        heads.run(tmp_path / "plain.parquet", tmp_path, SvmConfig())
 
 
 def test_cli_writes_the_run_folders(tmp_path, features_file, capsys):
-    code = svm.main(["--features", str(features_file), "--out", str(tmp_path / "out"),
+    code = svm_cli.main(["--features", str(features_file), "--out", str(tmp_path / "out"),
                      "--set", "svm.C=[1.0]", "--set", "svm.probe=false"])
     assert code == 0 and "wrote" in capsys.readouterr().out
     predictions = pd.read_parquet(tmp_path / "out" / "svm" / "predictions.parquet")
     assert len(predictions) == 200
-    assert svm.main(["--features", str(tmp_path / "missing.parquet"), "--out", "x"]) == 2
+    assert svm_cli.main(["--features", str(tmp_path / "missing.parquet"), "--out", "x"]) == 2
 
 
 def test_the_probe_chooses_the_c_and_scores_of_a_plain_logistic_regression():
@@ -141,8 +146,8 @@ def test_the_probe_chooses_the_c_and_scores_of_a_plain_logistic_regression():
 
     x, y = blobs(500, seed=2)
     cfg = SvmConfig(probe_C=[0.001, 0.01, 0.1, 1.0], metric="macro_f1")
-    chosen, table = svm.select_probe(x[:350], y[:350], x[350:], y[350:], cfg)
-    plain = [svm.score("macro_f1", y[350:], make_pipeline(
+    chosen, table = heads.select_probe(x[:350], y[:350], x[350:], y[350:], cfg)
+    plain = [heads.score("macro_f1", y[350:], make_pipeline(
         StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(x[:350], y[:350])
         .predict(x[350:])) for C in cfg.probe_C]
     assert [row["valid_score"] for row in table] == pytest.approx(plain)

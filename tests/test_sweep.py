@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from boatray import tuning
-from boatray.results import PROBA_PREFIX, find_runs, read_run
+from boatray.finetune import trials as sweep_trials
+from boatray.results import PROBA_PREFIX, Layout, find_runs, read_run
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_results_files_follow_the_umask(smoke_run):
 
 def test_smoke_trials_table_has_every_trial(smoke_run):
     results, log = smoke_run
-    trials = pd.read_parquet(results / tuning.TRIALS)
+    trials = pd.read_parquet(Layout(results).trials)
     assert trials["trial_id"].nunique() == 4
     assert set(trials["freeze"]) == {"head", "last1"} and set(trials["lr"]) == {0.01, 0.001}
     for column in ("epoch", "valid_loss", "valid_macro_f1", "train_loss", "epoch_seconds"):
@@ -203,7 +203,7 @@ def wait_for(process: subprocess.Popen, log_path: Path, reached, what: str) -> N
 
 def assert_complete_histories(results: Path, trials: int, epochs: int) -> pd.DataFrame:
     """Every trial exactly once in trials.parquet, its epochs 1..last with none missing."""
-    table = pd.read_parquet(results / tuning.TRIALS)
+    table = pd.read_parquet(Layout(results).trials)
     assert table["trial_id"].nunique() == trials
     for trial_id, rows in table.groupby("trial_id"):
         assert rows["epoch"].tolist() == list(range(1, epochs + 1)), trial_id
@@ -220,7 +220,7 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
         return lambda: text in log_path.read_text()
 
     def mid_trial():
-        return any((results / tuning.TUNE_DIR).glob("*-all-*/checkpoint_*/meta.json"))
+        return any((results / Layout.TUNE).glob("*-all-*/checkpoint_*/meta.json"))
 
     points = [("the cache build", lambda: log_has("[cache] freeze=head seed=0: computing")()),
               ("a finished trial", lambda: log_has(" done after ")()),
@@ -233,7 +233,7 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
         process = start_sweep(tmp_path / "killed", log_path, resume=number > 0)
         wait_for(process, log_path, reached, what)
         if what == "a finished trial":
-            finished_before = saved_finished_trials(results / tuning.TUNE_DIR)
+            finished_before = saved_finished_trials(results / Layout.TUNE)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     last = subprocess.run([*sweep_command(tmp_path / "killed", *SMALL_SWEEP), "--resume"],
@@ -292,7 +292,7 @@ def test_sigint_stops_cleanly_and_resume_finishes(tmp_path):
     said = [line for line in log.splitlines() if "stopped by SIGINT" in line]
     assert len(said) == 1 and said[0].endswith("--resume")
     assert "trials.parquet written" not in log and "[boatray] features + SVM" not in log
-    assert not (results / tuning.TRIALS).exists() and not find_runs(results)
+    assert not (Layout(results).trials).exists() and not find_runs(results)
     assert json.loads((results / "run_state.json").read_text())["status"] == "interrupted"
     with contextlib.suppress(ProcessLookupError):
         os.killpg(first.pid, signal.SIGKILL)  # whatever of its Ray is left
@@ -311,7 +311,7 @@ def test_selection_uses_the_mean_over_repeats():
         "freeze": ["head", "head", "last1", "last1"], "lr": [0.01, 0.01, 0.001, 0.001],
         "scheduler": ["none"] * 4, "repeat": [0, 1, 0, 1],
         "valid_macro_f1": [0.9, 0.1, 0.6, 0.6]})
-    chosen = tuning.select(table, "valid_macro_f1")
+    chosen = sweep_trials.select(table, "valid_macro_f1")
     assert [(c["freeze"], c["selected"]) for c in chosen] == [
         ("last1", "best"), ("head", "best_per_freeze")]
     assert len(chosen[0]["trials"]) == 2

@@ -10,8 +10,9 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from boatray import models, train
+from boatray import freezing, models
 from boatray.config import TrainConfig, from_dict
+from boatray.finetune import checkpoints, engine, trainer
 
 CPU = torch.device("cpu")
 SMALL = (32, 96)
@@ -40,17 +41,17 @@ def test_each_freeze_spec_trains_exactly_its_stages(spec):
     torch.manual_seed(0)
     model = models.build("resnet18", "none", CLASSES)
     cfg = TrainConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1, lr_decay=0.5)
-    optimizer = train.optimizer_over_all_stages(model, cfg)
-    models.freeze(model, spec)
+    optimizer = engine.optimizer_over_all_stages(model, cfg)
+    freezing.freeze(model, spec)
     before = snapshot(model)
 
-    train.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
+    engine.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
 
     stages = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
-    trainable = set(stages[models.GRADUAL[::-1].index(spec):])
+    trainable = set(stages[freezing.GRADUAL[::-1].index(spec):])
     after = model.state_dict()
     params = {name for name, _ in model.named_parameters()}
-    assert models.trainable_names(model) == {n for n in params if stage_of(n) in trainable}
+    assert freezing.trainable_names(model) == {n for n in params if stage_of(n) in trainable}
     for key, value in before.items():
         if key.endswith("num_batches_tracked"):
             continue
@@ -63,14 +64,14 @@ def test_each_freeze_spec_trains_exactly_its_stages(spec):
 def test_unfreezing_keeps_the_optimizer_and_its_state():
     torch.manual_seed(0)
     model = models.build("resnet18", "none", CLASSES)
-    optimizer = train.optimizer_over_all_stages(model, TrainConfig(lr=1e-3, lr_decay=0.1))
-    models.freeze(model, "head")
-    train.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
+    optimizer = engine.optimizer_over_all_stages(model, TrainConfig(lr=1e-3, lr_decay=0.1))
+    freezing.freeze(model, "head")
+    engine.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
     head_state = {k: v.clone() for k, v in optimizer.state[model.fc.weight].items()}
     assert not optimizer.state[model.layer4[0].conv1.weight]
 
-    models.freeze(model, "last1")
-    train.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
+    freezing.freeze(model, "last1")
+    engine.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
     assert optimizer.state[model.fc.weight]["step"] == head_state["step"] + 2
     assert optimizer.state[model.layer4[0].conv1.weight]["step"] == 2
     assert {g["stage"]: g["lr"] for g in optimizer.param_groups}["layer4"] == pytest.approx(1e-4)
@@ -83,7 +84,7 @@ def test_evaluate_equals_sklearn_and_passes_float_features_through():
     loader = DataLoader(TensorDataset(features, labels), batch_size=7)
     criterion = nn.CrossEntropyLoss()
 
-    metrics = train.evaluate(nn.Identity(), loader, criterion, CPU)
+    metrics = engine.evaluate(nn.Identity(), loader, criterion, CPU)
 
     predicted = features.argmax(1).numpy()
     assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
@@ -93,34 +94,34 @@ def test_evaluate_equals_sklearn_and_passes_float_features_through():
 
 def test_class_weights_are_inverse_frequency():
     labels = [0] * 6 + [1] * 3 + [3] * 1
-    weights = train.class_weights(labels, 4).numpy()
+    weights = engine.class_weights(labels, 4).numpy()
     expected = compute_class_weight("balanced", classes=np.array([0, 1, 3]), y=np.array(labels))
     assert weights[[0, 1, 3]] == pytest.approx(expected)
     assert weights[2] == 0.0
 
 
 def test_shard_sampler_splits_one_seeded_order_between_ranks():
-    shares = [list(train.ShardSampler(10, rank, 3, seed=5)) for rank in range(3)]
+    shares = [list(engine.ShardSampler(10, rank, 3, seed=5)) for rank in range(3)]
     assert [len(s) for s in shares] == [4, 4, 4]  # padded: DDP needs equal batch counts
     assert set(sum(shares, [])) == set(range(10))
-    again = [list(train.ShardSampler(10, rank, 3, seed=5)) for rank in range(3)]
+    again = [list(engine.ShardSampler(10, rank, 3, seed=5)) for rank in range(3)]
     assert again == shares
-    later = train.ShardSampler(10, 0, 3, seed=5)
+    later = engine.ShardSampler(10, 0, 3, seed=5)
     later.set_epoch(1)
     assert list(later) != shares[0]
 
-    unpadded = [list(train.ShardSampler(10, r, 3, shuffle=False, pad=False)) for r in range(3)]
+    unpadded = [list(engine.ShardSampler(10, r, 3, shuffle=False, pad=False)) for r in range(3)]
     assert sorted(sum(unpadded, [])) == list(range(10))
-    assert [len(train.ShardSampler(10, r, 3, pad=False)) for r in range(3)] == [4, 3, 3]
+    assert [len(engine.ShardSampler(10, r, 3, pad=False)) for r in range(3)] == [4, 3, 3]
 
 
 def test_class_balanced_sampler_draws_classes_evenly_across_ranks():
     labels = np.array([0] * 80 + [1] * 15 + [2] * 5)
-    weights = train.class_weights(labels, 3)[labels].tolist()
+    weights = engine.class_weights(labels, 3)[labels].tolist()
     drawn = []
     for epoch in range(10):
         for rank in range(2):
-            sampler = train.ShardSampler(len(labels), rank, 2, seed=0, weights=weights)
+            sampler = engine.ShardSampler(len(labels), rank, 2, seed=0, weights=weights)
             sampler.set_epoch(epoch)
             drawn += list(sampler)
     counts = np.bincount(labels[drawn], minlength=3) / len(drawn)
@@ -137,20 +138,20 @@ def test_schedulers_step_once_per_epoch(kind, lrs):
     cfg = TrainConfig(lr=0.1, epochs=4, scheduler=kind, step_size=2, gamma=0.1,
                       plateau_factor=0.5, plateau_patience=1)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    scheduler = train.make_scheduler(optimizer, cfg)
+    scheduler = engine.make_scheduler(optimizer, cfg)
     seen = []
     for valid_loss in (1.0, 1.0, 1.0, 1.0):  # a plateau from the first epoch
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        train.step_scheduler(scheduler, valid_loss)
+        engine.step_scheduler(scheduler, valid_loss)
     assert seen == pytest.approx(lrs, rel=1e-4)
 
 
 def test_gradual_freeze_spec_follows_the_schedule():
     cfg = TrainConfig(freeze="gradual", gradual_every=2)
-    assert [train.freeze_spec_at(cfg, e) for e in range(5)] == [
+    assert [engine.freeze_spec_at(cfg, e) for e in range(5)] == [
         "head", "head", "last1", "last1", "last2"]
-    assert train.freeze_spec_at(TrainConfig(freeze="last2"), 7) == "last2"
+    assert engine.freeze_spec_at(TrainConfig(freeze="last2"), 7) == "last2"
 
 
 @pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
@@ -158,22 +159,23 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_epoch(tmp_path, sched
     cfg = TrainConfig(lr=1e-2, epochs=5, scheduler=scheduler, plateau_patience=0)
     torch.manual_seed(0)
     model = models.build("resnet18", "none", CLASSES)
-    optimizer = train.optimizer_over_all_stages(model, cfg)
-    models.freeze(model, "last2")
-    schedule = train.make_scheduler(optimizer, cfg)
+    optimizer = engine.optimizer_over_all_stages(model, cfg)
+    freezing.freeze(model, "last2")
+    schedule = engine.make_scheduler(optimizer, cfg)
     for _ in range(2):
-        train.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
-        train.step_scheduler(schedule, 1.0)
+        engine.train_one_epoch(model, image_loader(), nn.CrossEntropyLoss(), optimizer, CPU)
+        engine.step_scheduler(schedule, 1.0)
     history = [{"epoch": 1, "valid_loss": 1.0}, {"epoch": 2, "valid_loss": 1.0}]
     meta = {"classes": list("abcd"), "image_size": list(SMALL),
             "model": {"name": "resnet18", "pooling": "avg", "weights": "none"}}
-    train.save_checkpoint(tmp_path, model, optimizer, schedule, 2, history, meta)
+    checkpoints.save_checkpoint(tmp_path, model, optimizer, schedule, 2, history, meta)
 
     torch.manual_seed(1)
     fresh = models.build("resnet18", "none", CLASSES)
-    fresh_optimizer = train.optimizer_over_all_stages(fresh, cfg)
-    fresh_schedule = train.make_scheduler(fresh_optimizer, cfg)
-    epoch, restored = train.restore_checkpoint(tmp_path, fresh, fresh_optimizer, fresh_schedule)
+    fresh_optimizer = engine.optimizer_over_all_stages(fresh, cfg)
+    fresh_schedule = engine.make_scheduler(fresh_optimizer, cfg)
+    epoch, restored = checkpoints.restore_checkpoint(tmp_path, fresh, fresh_optimizer,
+                                                     fresh_schedule)
 
     assert (epoch, restored) == (2, history)
     for key, value in model.state_dict().items():
@@ -185,19 +187,19 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_epoch(tmp_path, sched
         assert state.keys() == other.keys()
         for key in state:
             assert torch.equal(torch.as_tensor(state[key]), torch.as_tensor(other[key]))
-    assert train.read_meta(tmp_path)["epoch"] == 2
+    assert checkpoints.read_meta(tmp_path)["epoch"] == 2
 
 
 def test_checkpoint_model_round_trips_through_the_weights_path(tmp_path):
     torch.manual_seed(0)
     model = models.build("resnet18", "none", CLASSES, "max")
-    optimizer = train.optimizer_over_all_stages(model, TrainConfig())
+    optimizer = engine.optimizer_over_all_stages(model, TrainConfig())
     meta = {"classes": list("abcd"), "image_size": list(SMALL),
             "model": {"name": "resnet18", "pooling": "max", "weights": "none"}}
-    train.save_checkpoint(tmp_path, model, optimizer, None, 1, [], meta)
+    checkpoints.save_checkpoint(tmp_path, model, optimizer, None, 1, [], meta)
 
-    loaded, read = train.load_model(tmp_path)
-    as_weights = models.build("resnet18", str(tmp_path / train.MODEL_FILE), CLASSES, "max")
+    loaded, read = checkpoints.load_model(tmp_path)
+    as_weights = models.build("resnet18", str(tmp_path / checkpoints.MODEL_FILE), CLASSES, "max")
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
         assert torch.equal(value, as_weights.state_dict()[key]), key
@@ -210,19 +212,19 @@ def test_load_model_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     from boatray.errors import BoatrayError
 
     with pytest.raises(BoatrayError, match="not a boatray checkpoint"):
-        train.load_model(tmp_path)
+        checkpoints.load_model(tmp_path)
 
 
 def test_make_trainer_takes_workers_resources_and_failures_from_the_config(tmp_path):
     exp = from_dict({"train": {"num_workers": 3, "cpus_per_worker": 0.5, "max_failures": 2}})
-    trainer = train.make_trainer(exp, tmp_path / "manifest.parquet", "run-a", str(tmp_path))
-    scaling, run = trainer.scaling_config, trainer.run_config
+    made = trainer.make_trainer(exp, tmp_path / "manifest.parquet", "run-a", str(tmp_path))
+    scaling, run = made.scaling_config, made.run_config
     assert (scaling.num_workers, scaling.use_gpu) == (3, False)
     assert scaling.resources_per_worker == {"CPU": 0.5}
     assert (run.name, run.storage_path) == ("run-a", str(tmp_path))
     assert run.failure_config.max_failures == 2
-    assert run.failure_config.controller_failure_limit == train.CONTROLLER_FAILURE_LIMIT
-    assert run.checkpoint_config.num_to_keep == train.KEEP_CHECKPOINTS
+    assert run.failure_config.controller_failure_limit == trainer.CONTROLLER_FAILURE_LIMIT
+    assert run.checkpoint_config.num_to_keep == checkpoints.KEEP_CHECKPOINTS
     config = trainer.train_loop_config
     assert from_dict(config["experiment"]) == exp
     assert config["manifest"] == str(tmp_path / "manifest.parquet")
@@ -242,4 +244,4 @@ def test_a_bad_weights_file_is_found_before_the_workers(tmp_path):
     weights.write_bytes(np.random.default_rng(0).bytes(4096))
     exp = load(None, [f"model.weights={weights}", "train.cache_prefix=false"])
     with pytest.raises(BoatrayError, match=f"{weights}"):
-        train.check_inputs(exp, manifest)
+        trainer.check_inputs(exp, manifest)

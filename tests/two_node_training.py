@@ -23,9 +23,9 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from boatray import finetune
 from boatray.config import from_dict
 from boatray.data.manifest import ensure_manifest
+from boatray.finetune import run as finetune_run
 
 
 def experiment(storage: str):
@@ -52,7 +52,7 @@ def main(storage: str, dashboard_port: int, agent_port: int) -> None:
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         exp = experiment(storage)
-        run_dir = finetune.run(exp, ensure_manifest(exp), exp.results_dir / "runs" / "ddp")
+        run_dir = finetune_run.run(exp, ensure_manifest(exp), exp.layout.run("ddp"))
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
         print(json.dumps({
             "nodes": {"head": cluster.head_node.node_id, "second": second.node_id},

@@ -110,7 +110,7 @@ def ensure_manifest(exp: Experiment) -> Path:
     `prepare --out` wrote (it holds manifest.parquet) is used as prepared. A manifest made from
     the same inputs (source, protocol, valid fraction, seed, synthetic settings) is reused.
     """
-    data_dir = exp.results_dir / "data"
+    data_dir = exp.layout.data
     source = exp.data.source
     prepared = Path(source) / MANIFEST if source else None
     if prepared is not None and not prepared.is_file():

@@ -1,36 +1,11 @@
 """The comparison report: `python -m boatray.report RESULTS_DIR [--out DIR]`.
 
-It answers "which approach, by how much, at what cost, and is the difference real?" from files
-alone, knowing nothing about how a prediction was made. It reads, under RESULTS_DIR
-(results/<experiment>/):
-
-- every run folder (boatray.results: predictions.parquet + run.json), at any depth. Only the
-  test rows of predictions.parquet are scored (valid rows only pick the best fine-tune when no
-  run is marked). run.json fields read, all but `approach`/`name` optional:
-  - `approach` (finetune | svm | probe | baseline), `name`, `classes`, `config`;
-  - fine-tune runs: `freeze`, `lr`, `scheduler`, `selected` ("best" | "best_per_freeze");
-  - repeats of one configuration: the same `config_id`, each with its `seed` (runs without a
-    `config_id` are configurations of their own);
-  - timing: `wall_seconds` (the train time shown), `device_seconds`, `images_per_second`,
-    and for the SVM and probe `extraction_seconds`, `fit_seconds`;
-  - `history`: a list of per-epoch dicts (`epoch`, `train_loss`, `valid_loss`,
-    `train_accuracy`, `valid_accuracy`, ...) for the learning curves;
-  - `host` (boatray.results.host_info: hostname, platform, python, torch, ray, gpus, gpu_name),
-    optionally with `nodes` and `cluster_gpus` for the Ray cluster (else distinct host names
-    are counted as nodes).
-- trials.parquet, if present: the Tune sweep, one row per trial per epoch with `trial_id`,
-  `epoch`, the trial's config (`freeze`, `lr`, `scheduler`, `seed`/`repeat`, either plain or as
-  Tune's `config/<key>`; a plain `lr` is taken at the trial's first epoch) and its metrics
-  (`valid_macro_f1`, `valid_accuracy`, `valid_loss`, `epoch_seconds`, `images_per_second`...).
-  A trial's score is its metric at its last reported epoch; the metric is the config's
-  `sweep.metric`.
-- experiment.json, if present: the full config (else the first run.json's `config`).
-- backbone.json, if present: the backbone, its weights' source (file, sha256) and what each
-  freeze spec trains (`boatray.models.describe`).
-
-It writes, to --out (default RESULTS_DIR/report): report.md, a self-contained report.html,
-figures/*.png and tables/*.csv (a CSV copy of every table), each file atomically. Sections with
-no data are left out and listed under "What is missing"; a folder with no run is an error.
+Which approach, by how much, at what cost, and is the difference real: answered from the
+results folder alone (results.Layout: every run folder's predictions and run record, the
+sweep's trials, the experiment's config and backbone), knowing nothing of how a prediction was
+made. Only test rows are scored. It writes report.md, a self-contained report.html,
+figures/*.png and tables/*.csv to --out (default RESULTS_DIR/report), each atomically;
+sections with no data are listed under "What is missing"; a folder with no run is an error.
 """
 
 from __future__ import annotations

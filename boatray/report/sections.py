@@ -9,7 +9,8 @@ import yaml
 
 from boatray.report import plots, tables
 from boatray.report.render import Code, Plot, Section, Table, format_frame
-from boatray.report.study import TRIALS, Study
+from boatray.report.study import Study
+from boatray.results import RUN_JSON, Layout
 
 FORMATS = {"train_seconds": "{:.1f}", "wall_seconds": "{:.1f}", "device_seconds": "{:.1f}",
            "total_seconds": "{:.1f}", "prefix_cache_seconds": "{:.1f}",
@@ -146,7 +147,7 @@ def cost_section(study: Study) -> Section:
     cost = tables.cost(study)
     shown = cost.dropna(axis=1, how="all").drop(columns="approach")
     return Section("Cost: where the time went", [
-        ("Seconds from run.json (mean over seeds). total_seconds counts everything the "
+        (f"Seconds from {RUN_JSON} (mean over seeds). total_seconds counts everything the "
          "approach needed: wall_seconds (the whole run; for the SVM and probe it includes "
          "their feature extraction, extraction_seconds, and classifier fit, fit_seconds) plus "
          "prefix_cache_seconds, the frozen-prefix cache a fine-tune trained from (charged in "
@@ -265,11 +266,11 @@ def missing_section(study: Study) -> Section | None:
     """What this results folder lacks, so a partial report says so."""
     items = [f"no {approach} run" for approach in study.missing]
     if study.trials is None:
-        items.append(f"no {TRIALS}: no sweep table")
+        items.append(f"no {Layout(study.root).trials.name}: no sweep table")
     no_history = [c.label for c in study.configurations
                   if c.approach in ("finetune", "baseline") and not c.record.get("history")]
     if no_history:
-        items.append(f"no learning curve (run.json has no history): {', '.join(no_history)}")
+        items.append(f"no learning curve ({RUN_JSON} has no history): {', '.join(no_history)}")
     untimed = [c.label for c in study.configurations if "wall_seconds" not in c.record]
     if untimed:
         items.append(f"no wall_seconds: {', '.join(untimed)}")
@@ -295,12 +296,13 @@ def backbone_section(study: Study) -> Section | None:
 
 
 def environment_section(study: Study) -> Section:
-    """Ray and torch versions, nodes and GPUs (run.json host), and the experiment's config."""
+    """Ray and torch versions, nodes and GPUs (the runs' `host`), and the experiment's config."""
     environment = tables.environment(study)
     blocks: list = [_environment_sentence(environment), Table("environment", environment,
                                                                format_frame(environment))]
     config = study.config
-    source = "experiment.json" if study.experiment is not None else "the first run.json"
+    source = (Layout(study.root).experiment.name if study.experiment is not None
+              else f"the first {RUN_JSON}")
     if config:
         blocks += [f"The experiment's config (from {source}):",
                    Code(yaml.safe_dump(config, sort_keys=False, default_flow_style=None)),

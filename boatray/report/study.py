@@ -1,8 +1,10 @@
 """Load a results folder into what the report works from: runs, configurations, the sweep.
 
-The report reads nothing but run folders (predictions.parquet + run.json, boatray.results)
-and, beside them, the sweep's trials.parquet, the experiment.json config and run_state.json
-(whether the run finished). A run folder that cannot be used is left out with a note.
+The report reads nothing but run folders (predictions and run records, boatray.results) and,
+beside them, the sweep's trials, the experiment's config and the run state (whether the run
+finished). A trials table has a row per trial per epoch with `trial_id`, `epoch`, the trial's
+config (plain or as Tune's `config/<key>`) and its metrics; a trial's score is its
+`sweep.metric` at its last reported epoch. A run folder that cannot be used is left out with a note.
 """
 
 from __future__ import annotations
@@ -18,22 +20,28 @@ import pandas as pd
 from boatray import metrics
 from boatray.config import FREEZE_SPECS
 from boatray.errors import BoatrayError
-from boatray.results import APPROACHES, classes_of, find_runs, read_run
+from boatray.results import (
+    APPROACHES,
+    PREDICTIONS,
+    RUN_JSON,
+    Layout,
+    RunRecord,
+    classes_of,
+    find_runs,
+    read_run,
+)
 from boatray.run_state import read_state
 
-TRIALS = "trials.parquet"
-EXPERIMENT = "experiment.json"
-BACKBONE = "backbone.json"
 APPROACH_NAMES = {"finetune": "fine-tune", "svm": "SVM (RBF) on features",
                   "probe": "linear probe on features", "baseline": "BetterCNN from scratch"}
 
 
 @dataclass(eq=False)
 class Run:
-    """One run folder: its run.json record and its test predictions (sorted by path)."""
+    """One run folder: its run record and its test predictions (sorted by path)."""
 
     folder: Path
-    record: dict[str, Any]
+    record: RunRecord
     test: pd.DataFrame
     valid: pd.DataFrame
 
@@ -69,7 +77,7 @@ class Configuration:
 
     @property
     def record(self) -> dict[str, Any]:
-        """run.json of the representative run (the first seed)."""
+        """The run record of the representative run (the first seed)."""
         return self.runs[0].record
 
     @property
@@ -95,7 +103,7 @@ class Study:
 
     @property
     def config(self) -> dict[str, Any]:
-        """experiment.json, else the config recorded in the first run.json."""
+        """The experiment's config, else the config recorded in the first run record."""
         if self.experiment is not None:
             return self.experiment
         return self.configurations[0].record.get("config") or {}
@@ -110,18 +118,20 @@ class Study:
 
 
 def load_study(results_dir: str | Path) -> Study:
-    """Read every run folder under `results_dir` plus its trials.parquet and experiment.json."""
+    """Read every run folder under `results_dir`, the sweep's trials and the experiment's
+    config (results.Layout)."""
     root = Path(results_dir)
+    layout = Layout(root)
     if not root.is_dir():
         raise BoatrayError(f"results folder not found: {root}")
     notes: list[str] = []
     runs = [run for folder in find_runs(root) if (run := _read(folder, root, notes)) is not None]
     if not runs:
-        raise BoatrayError(f"no runs under {root} (a run folder holds predictions.parquet and "
-                           "run.json)")
+        raise BoatrayError(f"no runs under {root} (a run folder holds {PREDICTIONS} and "
+                           f"{RUN_JSON})")
     return Study(root, _configurations(runs, notes), _trials(root, notes),
-                 _json(root / EXPERIMENT, "the config comes from run.json", notes), notes,
-                 read_state(root), _json(root / BACKBONE, "no backbone section", notes))
+                 _json(layout.experiment, f"the config comes from {RUN_JSON}", notes), notes,
+                 read_state(root), _json(layout.backbone, "no backbone section", notes))
 
 
 def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
@@ -131,12 +141,12 @@ def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
     except (OSError, ValueError) as exc:  # JSON or parquet that cannot be parsed
         notes.append(f"{where}: left out, its files cannot be read ({type(exc).__name__})")
         return None
-    if not isinstance(record, dict):
-        notes.append(f"{where}: left out, its run.json is not a JSON object")
+    except BoatrayError as exc:  # a run record that fails validation
+        notes.append(f"{where}: left out, {exc}")
         return None
     missing = {"split", "path", "y_true", "y_pred"} - set(predictions.columns)
     if missing:
-        notes.append(f"{where}: left out, predictions.parquet lacks {', '.join(sorted(missing))}")
+        notes.append(f"{where}: left out, {PREDICTIONS} lacks {', '.join(sorted(missing))}")
         return None
     classes = len(classes_of(predictions))
     labels = predictions[["y_true", "y_pred"]]
@@ -148,7 +158,6 @@ def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
     if test.empty:
         notes.append(f"{where}: left out, it has no test predictions")
         return None
-    record.setdefault("name", str(where))
     return Run(folder, record, test.sort_values("path", ignore_index=True),
                predictions[predictions["split"] == "valid"].reset_index(drop=True))
 
@@ -163,7 +172,7 @@ def _order(run: Run) -> tuple:
             -float(record.get("lr") or 0.0), str(record.get("name")), str(run.seed))
 
 
-def _label(record: dict[str, Any]) -> str:
+def _label(record: RunRecord) -> str:
     approach = str(record.get("approach", "unknown"))
     if approach == "finetune" and record.get("freeze"):
         parts = [f"fine-tune {record['freeze']}"]
@@ -197,16 +206,16 @@ def _configurations(runs: list[Run], notes: list[str]) -> list[Configuration]:
 
 
 def _trials(root: Path, notes: list[str]) -> pd.DataFrame | None:
-    path = root / TRIALS
+    path = Layout(root).trials
     if not path.is_file():
         return None
     try:
         trials = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
-        notes.append(f"{TRIALS}: cannot be read ({type(exc).__name__}); no sweep section")
+        notes.append(f"{path.name}: cannot be read ({type(exc).__name__}); no sweep section")
         return None
     if not {"trial_id", "epoch"} <= set(trials.columns):
-        notes.append(f"{TRIALS}: lacks trial_id/epoch columns; no sweep section")
+        notes.append(f"{path.name}: lacks trial_id/epoch columns; no sweep section")
         return None
     return trials
 

@@ -74,7 +74,8 @@ def headline(study: Study, resamples: int, seed: int) -> pd.DataFrame:
 
 
 def cost(study: Study) -> pd.DataFrame:
-    """Where the time went: every timing field of run.json (mean over seeds) and epochs run."""
+    """Where the time went: every timing field of the run records (mean over seeds) and
+    epochs run."""
     return pd.DataFrame([{
         "configuration": c.label, "approach": c.approach,
         **{key: _mean_of(c, key) for key in TIMINGS},
@@ -288,7 +289,7 @@ def sweep_grid(summary: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def histories(study: Study) -> pd.DataFrame:
-    """Per-epoch history of each configuration's representative run (run.json `history`)."""
+    """Per-epoch history of each configuration's representative run (the run record's `history`)."""
     frames = []
     for configuration in study.configurations:
         history = pd.DataFrame(configuration.record.get("history") or [])
@@ -305,7 +306,7 @@ HOST_FIELDS = ("hostname", "platform", "python", "torch", "ray", "gpus", "gpu_na
 
 
 def environment(study: Study) -> pd.DataFrame:
-    """One row per distinct host the runs report (run.json `host`), with the runs on it."""
+    """One row per distinct host the runs report (the run records' `host`), with the runs on it."""
     rows = []
     for configuration in study.configurations:
         for run in configuration.runs:

@@ -1,31 +1,13 @@
-"""Ray Data feature extraction: the backbone trunk over every image of a manifest.
+"""Feature extraction on Ray Data: a backbone's trunk over every image of a manifest.
 
-The pipeline: the manifest's rows (path, label_idx, split), as several blocks so that every
-actor gets work -> `decode_rows` (`boatray.data.images.decode`: uint8, resized) -> an actor pool
-of `TrunkRunner`s, each holding the trunk (one actor per GPU, `num_gpus=1`, or CPU actors),
-normalising on its device (`images.normalize`), channels_last, bf16 autocast on GPU, inference
-mode, torch.compile with `features.compile` -> the driver streams the rows into ONE parquet file.
-
-Where decoding runs: with GPUs, in CPU tasks of their own, as many in parallel as the cluster
-has CPUs, so JPEG decoding keeps up with the GPUs. On CPUs only, Ray Data fuses decoding into
-the actors (the two steps ask for the same resources): the trunk's threads already use every
-core of a node, and decode tasks beside them would only take cores away and copy the uint8
-images through the object store.
-
-features.parquet: `path`, `label_idx`, `split` and `features`, a fixed-size list (float32, or
-float16: `features.dtype`) of the flattened trunk output; the schema metadata holds
-the classes, the output shape and the backbone. `features.json` beside it holds the
-extraction's seconds, images/s, its start-up (until the first batch) apart from its
-steady-state images/s (`PipelineTiming`), and the images that failed to decode (listed and left out,
-never silently dropped). `trunk` may end at any cut point of `boatray.models` (`pool`: the
-2,048-d vectors of resnet50; `layer3`: the maps the `last1` freeze spec's suffix consumes).
-`trunk_batches` is the pipeline alone; the frozen-prefix cache (prefix_cache.py) writes its
-batches to memory-mappable .npy files instead.
+Rows (path, label_idx, split) -> decode (uint8, resized) -> an actor pool of `TrunkRunner`s
+(one per GPU, or CPU actors that decode their own rows) -> batches of flattened trunk outputs,
+streamed in manifest order. A small CPU input runs the same steps in this process. The trunk
+may end at any cut point (`pool`: the pooled features; a stage: the frozen-prefix cache's maps).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,27 +18,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from torch import nn
 
 from boatray import config as config_module
-from boatray import export, models, preflight
+from boatray import export, models
 from boatray.cluster import start_ray
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
 from boatray.data.images import decode, normalize, to_chw
-from boatray.data.manifest import ensure_manifest, read_manifest
-from boatray.errors import BoatrayError, cli
+from boatray.data.manifest import read_manifest
+from boatray.errors import BoatrayError
+from boatray.features.featurefile import stats_path, write_features
 from boatray.results import atomic_write_text
 
-METADATA_KEY = b"boatray"
 COLUMNS = ("path", "label_idx", "split")
 
 
 def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """CPU task: decode a batch of rows to uint8 (n, h, w, 3); a failure is kept in `error`.
+    """CPU task: decode a batch of rows to uint8 (n, h, w, 3); a failure is kept in `error`
+    (such images are listed in the stats file and left out, never silently dropped).
     Each row carries its share of the batch's decoding time (`decode_seconds`)."""
     started = time.perf_counter()
     images = np.zeros((len(batch["path"]), size[0], size[1], 3), dtype=np.uint8)
@@ -155,7 +136,7 @@ def actor_count(cfg: FeaturesConfig) -> int:
 def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
             cfg: FeaturesConfig, image_size: tuple[int, int], seed: int = 0) -> Path:
     """Run the trunk of `model` (up to `cfg.stage`) over every manifest image with Ray Data;
-    write `out_path` (features.parquet) and `features.json` beside it; return `out_path`.
+    write `out_path` (a features file, featurefile.py) and its stats beside it; return it.
 
     `seed` draws the trunk's weights when `model.weights` is `none` (same seed, same features).
     """
@@ -309,101 +290,6 @@ def _batches_here(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
         yield runner(decode_rows({c: part[c].to_numpy() for c in COLUMNS}, tuple(image_size)))
 
 
-def write_features(batches, out_path: Path, meta: dict) -> tuple[int, list[dict]]:
-    """Stream batches into one parquet file (atomically); return (rows written, failures)."""
-    width = int(np.prod(meta["shape"]))
-    value_type = pa.float16() if meta["dtype"] == "float16" else pa.float32()
-    schema = pa.schema([("path", pa.string()), ("label_idx", pa.int64()), ("split", pa.string()),
-                        ("features", pa.list_(value_type, width))],
-                       metadata={METADATA_KEY: json.dumps(meta).encode()})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    written, failed = 0, []
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in batches:
-                bad = batch["error"] != ""
-                failed += [{"path": str(p), "error": str(e)}
-                           for p, e in zip(batch["path"][bad], batch["error"][bad])]
-                good = ~bad
-                values = np.ascontiguousarray(batch["features"][good]).reshape(-1)
-                writer.write_table(pa.table({
-                    "path": pa.array(batch["path"][good].astype(str)),
-                    "label_idx": pa.array(batch["label_idx"][good].astype(np.int64)),
-                    "split": pa.array(batch["split"][good].astype(str)),
-                    "features": pa.FixedSizeListArray.from_arrays(
-                        pa.array(values, type=value_type), width)}, schema=schema))
-                written += int(good.sum())
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return written, failed
-
-
-def stats_path(features_path: str | Path) -> Path:
-    """features.json beside features.parquet."""
-    return Path(features_path).with_suffix(".json")
-
-
-def feature_info(path: str | Path) -> dict:
-    """A features file's metadata (classes, shape, stage, model) plus `extraction` stats."""
-    path = Path(path)
-    if not path.is_file():
-        raise BoatrayError(f"features file not found: {path}")
-    try:
-        raw = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise BoatrayError(f"cannot read features file {path}: {exc}") from None
-    if METADATA_KEY not in raw:
-        raise BoatrayError(f"{path} is not a boatray features file (no metadata)")
-    info = json.loads(raw[METADATA_KEY])
-    stats = stats_path(path)
-    info["extraction"] = json.loads(stats.read_text()) if stats.is_file() else {}
-    return info
-
-
-def read_features(path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
-    """(X of shape (n, *shape), frame with path, label_idx, split) of a features file."""
-    path = Path(path)
-    info = feature_info(path)
-    table = pq.read_table(path)
-    values = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    x = values.reshape(table.num_rows, *info["shape"])
-    return x, table.drop_columns(["features"]).to_pandas()
-
-
-def extract_for(exp: Experiment, manifest: str | Path, out_path: str | Path) -> Path:
-    """The sweep's features stage, first half: `extract` with the experiment's settings."""
+def extract_experiment(exp: Experiment, manifest: str | Path, out_path: str | Path) -> Path:
+    """`extract` with an experiment's model, features settings, image size and seed."""
     return extract(manifest, out_path, exp.model, exp.features, exp.data.image_size, exp.seed)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m boatray.features`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m boatray.features",
-        description="Extract backbone features of every manifest image with Ray Data.")
-    config_module.add_arguments(parser)
-    parser.add_argument("--manifest", type=config_module.absolute_path,
-                        help="manifest.parquet (default: the experiment's, prepared when needed)")
-    parser.add_argument("--out", type=config_module.absolute_path,
-                        help="output features.parquet (default: "
-                                      "results/<experiment>/features/features.parquet)")
-    return parser
-
-
-@cli
-def main(argv: list[str] | None = None) -> int:
-    """`python -m boatray.features [--config F] [--set k=v] [--data D] [--manifest P] [--out P]`."""
-    args = build_parser().parse_args(argv)
-    exp = config_module.from_arguments(args)
-    out = args.out or exp.results_dir / "features" / "features.parquet"
-    print(f"results: {out.parent}", flush=True)
-    start_ray()
-    exp, _ = preflight.check(exp)
-    extract_for(exp, args.manifest or ensure_manifest(exp), out)
-    print(f"results: {out.parent}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

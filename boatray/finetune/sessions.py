@@ -1,4 +1,4 @@
-"""Who a training run reports to: the one training loop (train.train_loop) talks only to these.
+"""Who a training run reports to: the one training loop (loop.train_loop) talks only to these.
 
 - `LocalSession`: the calling process, without Ray (`train.num_workers: 0`, unit tests);
   checkpoints go straight into the run folder.
@@ -13,55 +13,19 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
-META_FILE = "meta.json"
+from boatray.finetune.checkpoints import CHECKPOINT_PREFIX, checkpoint_name, latest_checkpoint
 
 WriteCheckpoint = Callable[[Path], object]
 """Writes the run's checkpoint (model, optimizer, scheduler, meta) into the folder given."""
-
-
-def checkpoint_name(epoch: int) -> str:
-    """The folder name of the checkpoint taken after `epoch` finished epochs."""
-    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
-
-
-def latest_checkpoint(folder: str | Path) -> str | None:
-    """The checkpoint with the most finished epochs anywhere under a run folder (a local path
-    or a storage URI, e.g. s3://...), as the same kind of location; None where there is none.
-
-    A run folder holds its checkpoints directly (LocalSession, Ray Train) or one level down in
-    a Tune trial folder (TrialSession).
-    """
-    from pyarrow import fs
-
-    location = str(folder)
-    filesystem, base = fs.FileSystem.from_uri(location if "://" in location
-                                              else str(Path(location).resolve()))
-    if filesystem.get_file_info(base).type != fs.FileType.Directory:
-        return None
-    best: tuple[int, str] | None = None
-    for info in filesystem.get_file_info(fs.FileSelector(base, recursive=True)):
-        path = PurePosixPath(info.path)
-        parts = path.relative_to(base).parts
-        if path.name != META_FILE or len(parts) > 3 or any(p.startswith(".") for p in parts):
-            continue  # not a checkpoint's, or one being written
-        with filesystem.open_input_stream(info.path) as stream:
-            epoch = int(json.loads(stream.read()).get("epoch", 0))
-        if best is None or (epoch, info.path) > best:
-            best = (epoch, str(path.parent))
-    if best is None:
-        return None
-    return best[1] if "://" not in location else f"{location.split('://', 1)[0]}://{best[1]}"
 
 
 class Session(abc.ABC):

@@ -1,41 +1,12 @@
 """The frozen-prefix cache: a frozen prefix's activations computed once, the suffix trained on them.
 
-When a run's freeze spec leaves a prefix of the network frozen (`models.frozen_prefix`: `head`
--> the pooled features, `last1` -> the maps before the last stage, ...) and no random
-augmentation is on, that prefix computes the same activations for an image in every epoch.
-`prepare` computes them once with the features pipeline (`features.trunk_batches`: Ray Data,
-one model actor per GPU or CPU actors), stores them as float16, and the worker loop (train.py)
-trains only `models.suffix` from them. Its checkpoints still hold the whole model (frozen
-prefix + trained suffix), so prediction and the report work on images as before. `head` then
-trains a linear head on cached feature vectors.
-
-A cache is computed only where it pays (`estimated_speedup`, `train.cache_min_speedup`): an
-uncached epoch runs the frozen prefix forward and the suffix forward and backward (about three
-times its forward), a cached one the suffix alone. On ResNet50 at 240x800 that is about 10^5x
-for `head`, 2.3x for `last1`, 1.3x for `last2` and 1.1x for `last3`; the last two would
-store 12 and 24 GB of activations of MarDCT's lab16 train+valid images to save a fifth of an
-epoch or less, so the default 1.5 caches `head` and `last1` only.
-
-A cache is named by what its values depend on (`cache_key`): backbone, weights (a file by its
-content), cut point, pooling, image size, the manifest's train and valid rows (path, label,
-split, file size) and, for random weights (`none`), the run's seed: the prefix is then the
-seeded initialisation the run itself draws (the worker builds its model right after
-`torch.manual_seed(train.seed)`, as `prefix_model` does).
-
-Layout: `<exp.storage_uri>/cache/<key>/` with `train.npy` and `valid.npy`, float16 arrays of
-shape (images, *activation shape) in manifest order, and `cache.json`, written last: a folder
-without it is unfinished and never read. Why .npy: the worker memory-maps them
-(`np.load(mmap_mode="r")`) and the OS pages rows in as batches are read, so a layer3 cache of
-MarDCT (1024x15x50 per image at 240x800: 1.5 MB, about 7 GB in all) is never held in RAM at
-once, and every loader process shares the same page cache. The pooled features (4 KB per
-image) use the same format; features.parquet is a table for the SVM, read whole, whose rows
-cannot be memory-mapped.
-
-Writing is atomic: the files go to a temporary folder renamed into place (a writer that loses a
-race drops its copy). With a remote storage_path (s3://...) they are computed in a node-local
-folder and uploaded, cache.json last, and each node that reads them downloads one local copy.
-The sweep computes every cache its trials need on the driver before the first trial starts
-(tuning.run_sweep) and hands each trial its location, so no two trials compute the same cache.
+When a run's freeze spec leaves a prefix frozen (`freezing.frozen_prefix`) and no random
+augmentation is on, the prefix computes the same activations in every epoch: `prepare` computes
+them once with the features pipeline, stores them as float16 .npy files that the loop
+memory-maps (`CachedActivations`), and the loop trains `models.suffix` alone. Checkpoints still
+hold the whole model. A cache is named by everything its values depend on (`cache_key`), lives
+in `<storage>/cache/<key>/` with cache.json written last (a folder without it is unfinished),
+and is computed only where it pays (`estimated_speedup` against `train.cache_min_speedup`).
 """
 
 from __future__ import annotations
@@ -54,16 +25,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 import torch
-from pyarrow import fs
 from torch import nn
 
-from boatray import models
+from boatray import freezing, models, storage
 from boatray.config import Experiment
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
+from boatray.results import Layout
 
-CACHE_DIR = "cache"
-"""Caches live in <exp.storage_uri>/cache/<key>/."""
 INFO_FILE = "cache.json"
 SPLITS = ("train", "valid")
 FILES = tuple(f"{split}.npy" for split in SPLITS) + (INFO_FILE,)
@@ -83,11 +52,9 @@ def cached_stage(exp: Experiment) -> tuple[str | None, str]:
         return None, "train.cache_prefix is false"
     if exp.data.augment:
         return None, "data.augment is on (random flips change the activations every epoch)"
-    if cfg.freeze == "gradual":
-        return None, "gradual unfreezing changes the frozen prefix during the run"
-    stage = models.frozen_prefix(exp.model.name, cfg.freeze)
+    stage = freezing.frozen_prefix(exp.model.name, cfg.freeze)
     if stage is None:
-        return None, f"freeze {cfg.freeze!r} leaves no stage frozen"
+        return None, f"freeze {cfg.freeze!r} leaves no stage frozen for the whole run"
     return stage, f"freeze {cfg.freeze!r} leaves everything up to {stage} frozen"
 
 
@@ -121,23 +88,16 @@ def _rows_digest(rows: pd.DataFrame) -> str:
 
 
 def location(exp: Experiment, key: str) -> str:
-    """Where the cache `key` of this experiment lives: a folder, or a URI (s3://...)."""
-    return f"{exp.storage_uri}/{CACHE_DIR}/{key}"
+    """Where the cache `key` of this experiment lives: a folder, or a storage URI."""
+    return f"{exp.storage_uri}/{Layout.CACHE}/{key}"
 
 
 def local_folder(where: str) -> Path:
     """The folder this node reads a cache from: the cache itself, or for a remote one a
     node-local copy."""
-    if "://" not in where:
+    if not storage.is_remote(where):
         return Path(where)
     return Path(tempfile.gettempdir()) / "boatray-cache" / PurePosixPath(where).name
-
-
-def _finished(where: str) -> bool:
-    if "://" not in where:
-        return (Path(where) / INFO_FILE).is_file()
-    remote, base = fs.FileSystem.from_uri(where)
-    return remote.get_file_info(f"{base}/{INFO_FILE}").type == fs.FileType.File
 
 
 def prefix_model(exp: Experiment, num_classes: int) -> nn.Module:
@@ -180,14 +140,14 @@ def prepare(exp: Experiment, manifest: str | Path) -> str | None:
     rows = cached_rows(frame)
     key = cache_key(exp, rows, stage)
     where = location(exp, key)
-    if _finished(where):
+    if storage.is_file(f"{where}/{INFO_FILE}"):
         print(f"[cache] {run}: training from cached {stage} activations ({why}): {where}",
               flush=True)
         return where
-    from boatray import features
+    from boatray.features.pipeline import output_shape
 
     trunk = models.trunk(network, stage)
-    shape = features.output_shape(trunk, exp.data.image_size)
+    shape = output_shape(trunk, exp.data.image_size)
     folder = local_folder(where)
     needed = len(rows) * int(np.prod(shape)) * np.dtype(DTYPE).itemsize
     free = shutil.disk_usage(_existing(folder)).free
@@ -199,8 +159,8 @@ def prepare(exp: Experiment, manifest: str | Path) -> str | None:
     print(f"[cache] {run}: computing the {stage} activations of {len(rows)} images",
           flush=True)
     info = _compute(exp, rows, stage, trunk, shape, folder)
-    if "://" in where:
-        _copy_files(folder, where, upload=True)
+    if storage.is_remote(where):  # the data files first, cache.json (completion) last
+        storage.copy((folder / name, f"{where}/{name}") for name in FILES)
     print(f"[cache] {run}: training from cached {stage} activations ({why}): computed "
           f"{sum(info['images'].values())} images in {info['seconds']:.1f} s "
           f"({info['bytes'] / 2**20:.1f} MiB): {where}", flush=True)
@@ -217,7 +177,7 @@ def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module,
              shape: tuple[int, ...], folder: Path) -> dict:
     """Run `trunk`, the prefix up to `stage`, over `rows` with the features pipeline into
     `folder` (the cache, or its node-local copy); return its cache.json record."""
-    from boatray import features
+    from boatray.features.pipeline import trunk_batches
 
     cfg = dataclasses.replace(exp.features, stage=stage, dtype=DTYPE)
     temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
@@ -228,7 +188,7 @@ def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module,
             temporary / f"{split}.npy", mode="w+", dtype=DTYPE,
             shape=(int(counts.get(split, 0)), *shape)) for split in SPLITS}
         filled = dict.fromkeys(SPLITS, 0)
-        batches, settings = features.trunk_batches(rows, trunk, cfg, exp.data.image_size)
+        batches, settings = trunk_batches(rows, trunk, cfg, exp.data.image_size)
         started = time.monotonic()
         for batch in batches:
             errors = batch["error"][batch["error"] != ""]
@@ -266,30 +226,18 @@ def _publish(temporary: Path, folder: Path) -> None:
             raise
 
 
-def _copy_files(folder: Path, where: str, upload: bool) -> None:
-    """Copy a cache's files between a local folder and a remote URI, cache.json last."""
-    remote, base = fs.FileSystem.from_uri(where)
-    local = fs.LocalFileSystem()
-    if upload:
-        remote.create_dir(base, recursive=True)
-    for name in FILES:
-        pair = (str(folder / name), f"{base}/{name}")
-        source, target = pair if upload else pair[::-1]
-        fs.copy_files(source, target, *((local, remote) if upload else (remote, local)))
-
-
 def open_cache(where: str) -> tuple[Path, dict]:
     """(the local folder to read a cache from, its cache.json record); a remote cache is
     downloaded to this node once."""
     folder = local_folder(where)
     if not (folder / INFO_FILE).is_file():
-        if "://" not in where:
+        if not storage.is_remote(where):
             raise BoatrayError(f"frozen-prefix cache {where} not found on this node (a "
                                "multi-node cluster needs a shared storage_path)")
         temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
         temporary.mkdir(parents=True)
         try:
-            _copy_files(temporary, where, upload=False)
+            storage.copy((f"{where}/{name}", temporary / name) for name in FILES)
             _publish(temporary, folder)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)

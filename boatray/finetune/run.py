@@ -1,0 +1,96 @@
+"""A training run made a result: train (trainer.fit), then predict valid and test with the
+final checkpoint and write the run folder (results.write_run) and its exported model.
+
+The final checkpoint, not the best epoch by a validation metric: it is what the lab evaluated
+after its fixed number of epochs and what the sweep ranks configurations by, so a run's test
+numbers belong to the model its selection saw. `history` shows where validation peaked.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from boatray import export, predict, results, storage
+from boatray.config import Experiment, TrainConfig
+from boatray.errors import BoatrayError
+from boatray.finetune import prefix_cache
+from boatray.finetune.checkpoints import read_meta
+from boatray.finetune.trainer import fit
+from boatray.results import RunRecord, write_run
+
+
+def default_run_name(exp: Experiment, approach: str) -> str:
+    """The run folder name of a single run, in the sweep's scheme (results.run_name)."""
+    repeat = exp.train.seed - exp.seed
+    if approach == "baseline":
+        return results.run_name(results.BASELINE_CONFIG_ID, repeat)
+    return results.run_name(results.finetune_config_id(
+        exp.train.freeze, exp.train.lr, exp.train.scheduler), repeat)
+
+
+def run(exp: Experiment, manifest: str | Path, run_dir: str | Path,
+        approach: str = "finetune", record: dict | None = None) -> Path:
+    """Train, predict valid and test with the final checkpoint, write the run folder; return it.
+    `record` adds to the run record's fields (e.g. a `config_id` that groups repeats).
+
+    Prediction runs as a Ray task with one training worker's resources (a GPU when training
+    used GPUs) wherever the checkpoint storage can be read, not necessarily on the driver.
+    """
+    began = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    result = fit(exp, manifest, run_dir)
+    if result.checkpoint is None:
+        raise BoatrayError(f"training run {run_dir} saved no checkpoint")
+    return evaluate_and_write(exp, manifest, result.checkpoint, run_dir,
+                              {"approach": approach, **(record or {})}, began)
+
+
+def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_dir: str | Path,
+                       record: dict, began: float) -> Path:
+    """Predict valid and test with a ray.train.Checkpoint; write the run folder; return it.
+
+    Prediction runs as a Ray task with one training worker's resources (a GPU when training
+    used GPUs) wherever the checkpoint storage can be read, not necessarily on the driver.
+    `record` adds to (or overrides) the run record's fields; `began` is when the run started.
+    The checkpoint is also exported as results/<experiment>/models/<run>/ (export.py).
+    """
+    import ray
+
+    run_dir = Path(run_dir)
+    cfg = exp.train
+    task = ray.remote(_evaluate_checkpoint).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
+    predictions, history = ray.get(task.remote(
+        checkpoint, str(Path(manifest).resolve()), cfg))
+    with checkpoint.as_directory() as directory:
+        export.export_checkpoint(directory, exp.layout.models / run_dir.name,
+                                 record.get("approach", "finetune"))
+        cache = read_meta(directory).get("prefix_cache")
+    write_run(run_dir, predictions, RunRecord.from_json({
+        "approach": "finetune", "name": run_dir.name, "config": exp.to_dict(),
+        "model": exp.model.name, "freeze": cfg.freeze, "lr": cfg.lr,
+        "scheduler": cfg.scheduler, "seed": cfg.seed,
+        "wall_seconds": time.perf_counter() - began,
+        "device_seconds": sum(h["epoch_seconds"] for h in history),
+        "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
+        "checkpoint": storage.location_of(checkpoint.filesystem, checkpoint.path),
+        "history": history, **cache_cost(cache), **record}))
+    return run_dir
+
+
+def cache_cost(cache: str | None) -> dict:
+    """What a run trained on, and the seconds its frozen-prefix cache took to build (charged
+    to every run that used it)."""
+    if cache is None:
+        return {"trained_on": "images"}
+    _, info = prefix_cache.open_cache(cache)
+    return {"trained_on": "cached activations", "prefix_cache_seconds": info["seconds"]}
+
+
+def _evaluate_checkpoint(checkpoint, manifest: str, cfg: TrainConfig):
+    """(valid + test predictions, per-epoch history) of a ray.train.Checkpoint."""
+    with checkpoint.as_directory() as directory:
+        return (predict.predict_checkpoint(directory, manifest, ("valid", "test"),
+                                           cfg.batch_size, cfg.use_gpu, cfg.loader_workers),
+                read_meta(directory)["history"])

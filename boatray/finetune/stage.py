@@ -1,0 +1,48 @@
+"""The study's fine-tuning stage: the sweep, its trials table, and the test evaluation of the
+selected configurations (the best overall and the best per freeze spec), each repeat a run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from boatray import results
+from boatray.config import Experiment
+from boatray.finetune import trials, tuning
+from boatray.finetune.run import evaluate_and_write
+from boatray.finetune.trainer import check_inputs
+
+
+def run_stage(exp: Experiment, manifest: Path, resume: bool) -> None:
+    """Fine-tuning sweep, its trials table, and test evaluation of the selected configurations."""
+    check_inputs(exp, manifest)
+    grid = tuning.run_sweep(exp, manifest, resume=resume)
+    table = trials.trials_table(exp, grid)
+    written = trials.write_trials(exp, table)
+    errors = [r.error for r in grid if r.error]
+    print(f"[sweep] {table['trial_id'].nunique()} trials, {len(errors)} failed; "
+          f"{written.name} written", flush=True)
+    for choice in trials.select(table, exp.sweep.metric):
+        for trial in choice["trials"]:
+            evaluate_trial(exp, manifest, choice, trial, table)
+
+
+def evaluate_trial(exp: Experiment, manifest: Path, choice: dict, trial: dict,
+                   table: pd.DataFrame) -> None:
+    """Predict valid and test with a selected trial's last checkpoint; write its run folder."""
+    config_id = results.finetune_config_id(choice["freeze"], choice["lr"], choice["scheduler"])
+    name = results.run_name(config_id, trial["repeat"])
+    run_dir = exp.layout.run(name)
+    if results.is_run(run_dir):
+        return
+    history = table[table["trial_id"] == trial["trial_id"]]
+    wall = float(history["time_total_s"].max())
+    evaluate_and_write(
+        tuning.trial_experiment(exp, trial), manifest,
+        trials.trial_checkpoint(exp, trial["checkpoint_path"]), run_dir,
+        {"selected": choice["selected"], "valid_score": choice["score"],
+         "config_id": config_id, "trial_id": trial["trial_id"],
+         "wall_seconds": wall}, time.perf_counter() - wall)
+    print(f"[sweep] evaluated {name} ({choice['selected']}) on the test split", flush=True)

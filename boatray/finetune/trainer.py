@@ -1,0 +1,170 @@
+"""Where one training run trains, from the driver: in this process, in a one-trial Tune
+experiment (one worker: no worker group to start), or on a Ray Train worker group (DDP).
+
+`fit` is a single run's entry; `make_trainer` builds the TorchTrainer that a sweep trial with
+2+ workers drives; a user-facing error inside Ray comes back as its `BoatrayError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from boatray import freezing, models
+from boatray.config import Experiment, TrainConfig
+from boatray.data.manifest import read_manifest
+from boatray.errors import BoatrayError
+from boatray.finetune import prefix_cache, sessions
+from boatray.finetune.checkpoints import KEEP_CHECKPOINTS
+from boatray.finetune.engine import freeze_spec_at
+from boatray.finetune.loop import (
+    device_for,
+    loop_config,
+    train_in_trial,
+    train_loop,
+    train_loop_per_worker,
+)
+
+CONTROLLER_FAILURE_LIMIT = 10
+"""Tries to start a worker group (60 s each) before a run fails instead of waiting forever."""
+
+
+def _single_run_trial(_: dict, loop: dict, earlier: str | None) -> None:
+    """The Tune function of a single run (`fit` with 1 worker); Tune's own config is empty."""
+    train_in_trial(loop, earlier)
+
+
+def check_inputs(exp: Experiment, manifest: str | Path) -> None:
+    """Fail fast on the driver, before any worker starts: the manifest has train and valid
+    images, a weights file loads into the model, and the model takes the freeze spec."""
+    frame, classes = read_manifest(manifest)
+    for split in ("train", "valid"):
+        if not (frame.split == split).any():
+            raise BoatrayError(f"manifest {manifest} has no {split} images (a valid split is "
+                               "needed: set data.valid_fraction > 0 or add a valid/ folder)")
+    weights = str(exp.model.weights)
+    # a weights file (its path made absolute by the config) is read here, so a bad one is one
+    # line now rather than a failure in every worker; torchvision weights are left to them
+    probe = models.build(exp.model.name, weights if Path(weights).is_absolute() else "none",
+                         len(classes), exp.model.pooling)
+    freezing.freeze(probe, freeze_spec_at(exp.train, 0))
+
+
+def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
+                 callbacks: Sequence = (), cache: str | None = None):
+    """The TorchTrainer of one run with 2+ workers, from exp.train: workers, GPUs, CPUs per
+    worker, failures.
+
+    Reusing `name` under `storage_path` resumes that run from its last checkpoint.
+    `cache`: the location of the run's frozen-prefix cache (prefix_cache.prepare), or None to
+    train on images.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = exp.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(exp, manifest, cache),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage_path), callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
+
+
+def single_worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What a trial that trains in its own process asks Tune for: one worker's CPUs and GPU."""
+    return {"cpu": cfg.cpus_per_worker, "gpu": 1.0 if cfg.use_gpu else 0.0}
+
+
+@dataclass
+class FitResult:
+    """A finished run: its last reported metrics and its final checkpoint."""
+
+    metrics: dict
+    checkpoint: Any  # ray.train.Checkpoint
+
+
+def fit(exp: Experiment, manifest: str | Path, run_dir: str | Path) -> FitResult:
+    """Train one run into `run_dir` (its checkpoints land there) and return its FitResult.
+
+    Where it trains: with `train.num_workers` 0 in this process (no Ray), with 1 in a Ray Tune
+    trial's own process, with 2 or more in a Ray Train worker group (DDP).
+    The run's frozen-prefix cache is computed first when it can use one and has none yet.
+    With a remote storage_path, `run_dir` is in the driver's staging folder
+    (exp.results_dir) and the checkpoints go to the same place under exp.storage_uri. A run
+    folder that already holds a run is resumed from its last checkpoint. A user-facing error
+    in the run (e.g. a corrupt image) comes back as that BoatrayError.
+    """
+    from ray.train import Checkpoint, WorkerGroupError
+
+    check_inputs(exp, manifest)
+    config = loop_config(exp, manifest, prefix_cache.prepare(exp, manifest))
+    run_dir = Path(run_dir).resolve()
+    if exp.train.num_workers == 0:
+        session = sessions.LocalSession(device_for(exp.train.use_gpu), run_dir)
+        train_loop(config, session)
+        checkpoint = session.checkpoint and Checkpoint(str(session.checkpoint))
+        return FitResult(session.metrics, checkpoint)
+    storage = str(run_dir.parent)
+    if exp.remote_storage:
+        relative = run_dir.parent.relative_to(exp.results_dir.resolve()).as_posix()
+        storage = f"{exp.storage_uri}/{relative}"
+    if exp.train.num_workers == 1:
+        return _fit_in_trial(exp, config, f"{storage}/{run_dir.name}")
+    trainer = make_trainer(exp, Path(manifest), run_dir.name, storage, cache=config["prefix_cache"])
+    try:
+        result = trainer.fit()
+    except WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():
+            _raise_boatray_cause(failure)
+        raise
+    return FitResult(result.metrics, result.checkpoint)
+
+
+def _fit_in_trial(exp: Experiment, config: dict, run_path: str) -> FitResult:
+    """One run as a one-trial Tune experiment at `run_path`; an earlier run there is resumed
+    from its latest checkpoint (with more epochs, if the config now asks for more)."""
+    from ray import tune
+    from ray.train import Checkpoint
+
+    earlier = sessions.latest_checkpoint(run_path)
+    storage, name = run_path.rsplit("/", 1)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_single_run_trial, loop=config,
+                                                 earlier=earlier),
+                            single_worker_resources(exp.train)),
+        tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=exp.train.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
+    result = tuner.fit()[0]
+    if result.error is not None:
+        _raise_boatray_cause(result.error)
+        raise result.error
+    checkpoint = result.checkpoint or (earlier and Checkpoint(earlier))
+    return FitResult(result.metrics or {}, checkpoint)
+
+
+def _raise_boatray_cause(error: BaseException | None) -> None:
+    """Raise the BoatrayError behind a Ray error, if there is one."""
+    cause = _boatray_cause(error)
+    if cause is not None:
+        raise BoatrayError(str(cause)) from None
+
+
+def _boatray_cause(error: BaseException | None) -> BaseException | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, BoatrayError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or getattr(error, "cause", None)
+    return None

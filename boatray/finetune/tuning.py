@@ -1,0 +1,203 @@
+"""The fine-tuning sweep on Ray Tune: freeze spec x learning rate (x scheduler x repeats).
+
+A trial with one worker (the default: one GPU) runs the training loop in the Tune trial's own
+process: Tune keeps its checkpoints, retries it from the last one (FailureConfig) and, with
+`reuse_actors`, hands the process to the next trial, so start-up is paid per slot, not per
+trial. A trial with 2+ workers drives a TorchTrainer (DDP) whose metrics reach Tune through
+`TuneReportCallback`. Every frozen-prefix cache the trials can use is computed first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from boatray import console, interrupt
+from boatray.config import Experiment
+from boatray.errors import BoatrayError
+from boatray.finetune import prefix_cache
+from boatray.finetune.checkpoints import KEEP_CHECKPOINTS
+from boatray.finetune.loop import loop_config, train_in_trial
+from boatray.finetune.trainer import make_trainer, single_worker_resources
+from boatray.finetune.trials import METRIC_MODES
+from boatray.results import Layout
+
+
+def trial_experiment(exp: Experiment, config: dict) -> Experiment:
+    """The base settings with one trial's freeze, lr, scheduler and seed."""
+    return dataclasses.replace(exp, train=dataclasses.replace(
+        exp.train, freeze=config["freeze"], lr=float(config["lr"]),
+        scheduler=config["scheduler"], seed=exp.seed + int(config["repeat"])))
+
+
+def in_trial_process(exp: Experiment) -> bool:
+    """Whether the sweep's trials train in their own process (1 worker) or drive a Train run."""
+    return exp.train.num_workers <= 1
+
+
+def trial_resources(exp: Experiment) -> dict[str, float]:
+    """What a trial's own process asks for.
+
+    Training in it: one worker's CPUs and GPU. Driving a Train run: `sweep.trial_resource`
+    names a custom resource, e.g. `trial_driver` on a cluster's head node (cluster.yaml), one
+    unit per trial; otherwise a sliver of a CPU.
+    """
+    if in_trial_process(exp):
+        return single_worker_resources(exp.train)
+    if exp.sweep.trial_resource:
+        return {exp.sweep.trial_resource: 1.0}
+    return {"cpu": 0.01}
+
+
+def run_trial(config: dict, experiment: Experiment, manifest: str, train_storage: str,
+              caches: dict[str, str | None]) -> None:
+    """One Tune trial with this configuration: the training loop here (1 worker), or a
+    TorchTrainer whose metrics flow back to Tune (2+ workers).
+
+    The Train run is named after the trial id, which survives a Tuner restore, so a resumed
+    trial resumes its Train run from the last checkpoint. `caches`: `sweep_caches`.
+    """
+    exp = trial_experiment(experiment, config)
+    cache = caches.get(_cache_slot(config["freeze"], config["repeat"]))
+    if in_trial_process(exp):
+        train_in_trial(loop_config(exp, manifest, cache))
+        return
+    name = tune.get_context().get_trial_id()
+    trainer = make_trainer(exp, Path(manifest), name=name, storage_path=train_storage,
+                           callbacks=[TuneReportCallback()], cache=cache)
+    trainer.fit()
+
+
+def sweep_caches(exp: Experiment, manifest: Path) -> dict[str, str | None]:
+    """The frozen-prefix cache of every freeze spec and repeat the sweep's trials can have
+    (their lr and scheduler change no cache), computed now where missing; None where a trial
+    cannot use one."""
+    repeats = [0] if exp.sweep.search == "optuna" else range(exp.sweep.repeats)
+    return {_cache_slot(freeze, repeat): prefix_cache.prepare(trial_experiment(exp, {
+        "freeze": freeze, "lr": exp.train.lr, "scheduler": exp.train.scheduler,
+        "repeat": repeat}), manifest) for freeze in exp.sweep.freeze for repeat in repeats}
+
+
+def _cache_slot(freeze: str, repeat: int) -> str:
+    return f"{freeze}/{int(repeat)}"
+
+
+def param_space(exp: Experiment) -> dict[str, Any]:
+    """The seeds' grid by default, or a random/Optuna search over the same axes."""
+    repeat = tune.grid_search(list(range(exp.sweep.repeats)))
+    if exp.sweep.search == "grid":
+        return {"freeze": tune.grid_search(exp.sweep.freeze), "lr": tune.grid_search(exp.sweep.lr),
+                "scheduler": tune.grid_search(exp.sweep.scheduler), "repeat": repeat}
+    low, high = min(exp.sweep.lr), max(exp.sweep.lr)
+    lr = tune.loguniform(low, high) if high > low else low
+    return {"freeze": tune.choice(exp.sweep.freeze), "lr": lr,
+            "scheduler": tune.choice(exp.sweep.scheduler),
+            "repeat": repeat if exp.sweep.search == "random" else 0}
+
+
+def _search_alg(exp: Experiment):
+    if exp.sweep.search != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise BoatrayError("sweep.search=optuna needs optuna: pip install optuna") from None
+    return OptunaSearch(metric=exp.sweep.metric, mode=METRIC_MODES[exp.sweep.metric],
+                        seed=exp.seed)
+
+
+def _scheduler(exp: Experiment):
+    if not exp.sweep.asha.enabled:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", metric="valid_loss", mode="min",
+                         max_t=exp.train.epochs, grace_period=min(exp.sweep.asha.grace_period,
+                                                                  exp.train.epochs),
+                         reduction_factor=exp.sweep.asha.reduction_factor)
+
+
+def _logger_callbacks(exp: Experiment) -> list:
+    callbacks: list = []
+    if exp.sweep.tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())
+    if exp.sweep.mlflow:
+        try:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+        except ImportError:
+            raise BoatrayError("sweep.mlflow=true needs mlflow: pip install mlflow") from None
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or (exp.results_dir / "mlruns").as_uri()
+        callbacks.append(MLflowLoggerCallback(tracking_uri=tracking, experiment_name=exp.name))
+    return callbacks
+
+
+class GracefulStop(tune.Callback):
+    """SIGINT and SIGTERM stop the sweep through Tune's own graceful stop (boatray.interrupt)."""
+
+    def setup(self, **info) -> None:
+        interrupt.during_tune()
+
+
+def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.ResultGrid:
+    """Run (or resume) the Tune sweep of fine-tuning trials and return its results; raise
+    `interrupt.Interrupted` when a signal stopped it (its state is saved for --resume)."""
+    root = exp.storage_uri
+    tune_path = f"{root}/{Layout.TUNE}"
+    restore = tune.Tuner.can_restore(tune_path)
+    if restore and not resume:
+        raise BoatrayError(f"{tune_path} holds an earlier sweep: pass --resume to finish it, "
+                           f"or give this experiment a new name (--set name=...)")
+    caches = sweep_caches(exp, manifest)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, experiment=exp, manifest=str(manifest),
+                             train_storage=f"{root}/{Layout.TRAIN}", caches=caches),
+        trial_resources(exp))
+    if restore:
+        print(f"[sweep] resuming {tune_path}", flush=True)
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        concurrency = exp.sweep.max_concurrent_trials
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(exp),
+            tune_config=tune.TuneConfig(
+                scheduler=_scheduler(exp), search_alg=_search_alg(exp),
+                num_samples=1 if exp.sweep.search == "grid" else exp.sweep.num_samples,
+                max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname,
+                reuse_actors=in_trial_process(exp)),
+            run_config=tune.RunConfig(
+                name=Layout.TUNE, storage_path=root, verbose=0,
+                # in a trial's process Tune retries it; a Train run retries its workers itself
+                failure_config=tune.FailureConfig(
+                    max_failures=exp.train.max_failures if in_trial_process(exp) else 0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                callbacks=[console.TrialLines(
+                    trial_count(exp), exp.train.epochs, exp.sweep.metric,
+                    {(f, int(r)) for f, r in (slot.split("/") for slot, cache in caches.items()
+                                              if cache)}),
+                    GracefulStop(), *_logger_callbacks(exp)]))
+    results = tuner.fit()
+    interrupt.after_tune()
+    return results
+
+
+def trial_count(exp: Experiment) -> int:
+    """How many trials the sweep runs: the grid's points, or the samples (x repeats)."""
+    if exp.sweep.search == "grid":
+        return (len(exp.sweep.freeze) * len(exp.sweep.lr) * len(exp.sweep.scheduler)
+                * exp.sweep.repeats)
+    return exp.sweep.num_samples * (exp.sweep.repeats if exp.sweep.search == "random" else 1)
+
+
+def _trial_dirname(trial) -> str:
+    cfg = trial.config
+    return f"{trial.trial_id}-{cfg['freeze']}-lr{cfg['lr']:.0e}-{cfg['scheduler']}-r{cfg['repeat']}"
+
+
