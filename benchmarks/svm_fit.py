@@ -28,7 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from boatray.svm import RbfSvm, linear_probe
+from boatray.svm.estimators import RbfSvm, linear_probe
 from common import isolated, print_footer, print_header, print_table, ratio
 
 NOISE = 2.5
