@@ -158,6 +158,9 @@ class RunRecord:
         """A field or a detail by its run.json key."""
         return self.to_json().get(key, default)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_json()
+
     def __getitem__(self, key: str) -> Any:
         raw = self.to_json()
         if key not in raw:

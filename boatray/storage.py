@@ -27,10 +27,12 @@ def is_remote(location: str | Path) -> bool:
 
 
 def absolute(location: str, base: Path) -> str:
-    """A URI as it is; a local path made absolute (relative to `base`)."""
+    """A URI as it is; a local path joined to `base`, and resolved when that makes it absolute
+    (a `~/...` base stays as written: it is the home of the node that runs the driver)."""
     if is_remote(location):
         return location
-    return str((base / Path(location).expanduser()).resolve())
+    path = base / Path(location).expanduser()
+    return str(path.resolve() if path.is_absolute() else path)
 
 
 def staging_dir(name: str) -> Path:
@@ -51,7 +53,7 @@ def same_kind(like: str | Path, path: str) -> str:
     like = str(like)
     if not is_remote(like) or is_remote(path):
         return path
-    return f"{like.split(SEPARATOR, 1)[0]}{SEPARATOR}{path.lstrip('/')}"
+    return f"{like.split(SEPARATOR, 1)[0]}{SEPARATOR}{path}"
 
 
 def location_of(filesystem: fs.FileSystem, path: str) -> str:

@@ -179,7 +179,7 @@ def test_every_backbone_names_its_cut_points_and_stages_in_its_registry_entry():
         if name == "efficientnet_lite0" and importlib.util.find_spec("timm") is None:
             continue
         model = models.build(name, "none", 3)
-        assert tuple(models._stage_modules(model))[:-1] == models.cut_points(name), name
+        assert tuple(models.stage_modules(model))[:-1] == models.cut_points(name), name
     rows = {r["freeze"]: r for r in freezing.stage_table("resnet50")}
     assert rows["last2"] == {"freeze": "last2", "stages": "layer3 + layer4 + head",
                              "modules": "layer3, layer4, fc"}

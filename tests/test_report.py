@@ -15,7 +15,14 @@ import pytest
 from boatray import metrics, results, run_state
 from boatray.config import Experiment
 from boatray.report import main, write_report
-from boatray.results import RUN_JSON, atomic_write_parquet, predictions_frame, read_run, write_run
+from boatray.results import (
+    RUN_JSON,
+    RunRecord,
+    atomic_write_parquet,
+    predictions_frame,
+    read_run,
+    write_run,
+)
 
 CLASSES = ["Alilaguna", "Gondola", "Motobarca", "Topa", "VaporettoACTV", "Water"]
 CLASS_WEIGHTS = [0.10, 0.15, 0.15, 0.05, 0.20, 0.35]
@@ -87,7 +94,7 @@ def write_study(root: Path, runs: tuple[str, ...] = tuple(RUNS), sweep: bool = T
                   "images_per_second": 40.0 * (i + 1), **fields}
         if fields["approach"] in ("finetune", "baseline"):
             record["history"] = _history(rng, 4)
-        write_run(root / folder, _predictions(rng, y_true, skill), record)
+        write_run(root / folder, _predictions(rng, y_true, skill), RunRecord.from_json(record))
     if sweep:
         atomic_write_parquet(root / "trials.parquet", _trials(rng))
         config = Experiment(name="fixture").to_dict()
@@ -213,9 +220,10 @@ def test_partial_results_dir_reports_what_is_there(tmp_path: Path) -> None:
     baseline = pd.read_parquet(root / "baseline" / "predictions.parquet")
     atomic_write_parquet(root / "baseline" / "predictions.parquet", baseline.iloc[5:])
     svm, record = read_run(root / "svm")  # a repeat of the SVM scored on other images
-    write_run(root / "svm", svm, {**record, "config_id": "svm", "seed": 0})
-    write_run(root / "svm-seed1", svm.iloc[3:], {**record, "config_id": "svm", "seed": 1,
-                                                  "name": "svm-seed1"})
+    write_run(root / "svm", svm, RunRecord.from_json({**record.to_json(), "config_id": "svm",
+                                                      "seed": 0}))
+    write_run(root / "svm-seed1", svm.iloc[3:], RunRecord.from_json(
+        {**record.to_json(), "config_id": "svm", "seed": 1, "name": "svm-seed1"}))
     write_report(root, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## What is missing" in md and "## Fine-tuning sweep" not in md
@@ -299,7 +307,7 @@ def test_bad_run_folders_are_left_out_with_a_note(tmp_path: Path, capsys) -> Non
     write_run(root / "baseline", predictions, record)
     assert main([str(root)]) == 0
     md = (root / "report" / "report.md").read_text()
-    assert "probe: left out, its run.json is not a JSON object" in md
+    assert re.search(r"probe: left out, .*run.json: not a JSON object", md)
     last = len(CLASSES) - 1
     assert f"baseline: left out, its y_true/y_pred are not class indices 0..{last}" in md
 

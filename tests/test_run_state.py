@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from boatray import config, interrupt, run_state, sweep
+from boatray import baseline, config, interrupt, run_state, sweep
 from boatray.errors import BoatrayError
 from boatray.finetune import checkpoints
+from boatray.finetune import stage as finetune_stage
 from boatray.finetune import trials as sweep_trials
 from boatray.results import Layout
 
@@ -97,9 +98,9 @@ def test_a_failed_stage_of_any_kind_does_not_stop_the_others(tmp_path, monkeypat
     def broken(*args):
         raise KeyError("features")
 
-    monkeypatch.setattr(sweep, "stage_sweep", lambda *a: ran.append("sweep"))
+    monkeypatch.setattr(finetune_stage, "run_stage", lambda *a: ran.append("sweep"))
     monkeypatch.setattr(sweep, "stage_features_svm", broken)
-    monkeypatch.setattr(sweep, "stage_baseline", lambda *a: ran.append("baseline"))
+    monkeypatch.setattr(baseline, "run_stage", lambda *a: ran.append("baseline"))
     failures = sweep.run_stages(exp, tmp_path / "manifest.parquet", resume=False)
     assert ran == ["sweep", "baseline"]
     assert len(failures) == 1 and failures[0].startswith("features + SVM: KeyError: 'features'")

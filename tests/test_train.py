@@ -225,7 +225,7 @@ def test_make_trainer_takes_workers_resources_and_failures_from_the_config(tmp_p
     assert run.failure_config.max_failures == 2
     assert run.failure_config.controller_failure_limit == trainer.CONTROLLER_FAILURE_LIMIT
     assert run.checkpoint_config.num_to_keep == checkpoints.KEEP_CHECKPOINTS
-    config = trainer.train_loop_config
+    config = made.train_loop_config
     assert from_dict(config["experiment"]) == exp
     assert config["manifest"] == str(tmp_path / "manifest.parquet")
 

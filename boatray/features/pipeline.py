@@ -222,7 +222,7 @@ class PipelineTiming:
 
 SMALL_INPUT = 256
 """Images up to which a CPU extraction with at most one actor runs in the calling process: for
-so few, starting a Ray Data actor and shipping it the model (about 20 s on a 2-core machine)
+so few, starting a Ray Data actor and shipping it the model (about 20 s with 2 CPU cores)
 costs more than the work."""
 
 

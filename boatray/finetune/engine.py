@@ -237,9 +237,9 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimize
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Scheduler | None:
     """The epoch-wise learning-rate schedule: none, plateau, cosine or step.
 
-    `plateau` is ReduceLROnPlateau on the validation loss. Seed 003 stepped it on the training
-    loss; the validation loss is what says the model stopped generalising better, and it is the
-    signal ASHA stops trials on, so both look at the same curve.
+    `plateau` is ReduceLROnPlateau on the validation loss (one of the lab's reports stepped it on
+    the training loss): the validation loss says when the model stopped generalising better,
+    and ASHA stops trials on it, so both look at the same curve.
     """
     lr = torch.optim.lr_scheduler
     if cfg.scheduler == "plateau":

@@ -1,4 +1,4 @@
-"""The report's sections, in reading order, built from a loaded Study."""
+"""The report's sections, in reading order, built from a loaded LoadedResults."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import yaml
 
 from boatray.report import plots, tables
 from boatray.report.render import Code, Plot, Section, Table, format_frame
-from boatray.report.study import Study
-from boatray.results import RUN_JSON, Layout
+from boatray.report.study import LoadedResults
+from boatray.results import RUN_JSON
 
 FORMATS = {"train_seconds": "{:.1f}", "wall_seconds": "{:.1f}", "device_seconds": "{:.1f}",
            "total_seconds": "{:.1f}", "prefix_cache_seconds": "{:.1f}",
@@ -20,7 +20,7 @@ FORMATS = {"train_seconds": "{:.1f}", "wall_seconds": "{:.1f}", "device_seconds"
            "only_b_right": "{:.0f}"}
 
 
-def build(study: Study, resamples: int, seed: int) -> list[Section]:
+def build(study: LoadedResults, resamples: int, seed: int) -> list[Section]:
     """Every section the data in `study` supports, then what is missing, config and environment."""
     headline = tables.headline(study, resamples, seed)
     significance = tables.significance(study)
@@ -45,7 +45,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
-def synthetic_banner(study: Study) -> Section | None:
+def synthetic_banner(study: LoadedResults) -> Section | None:
     """A warning first of all when the images were generated (data.source null)."""
     data = study.config.get("data")
     if not isinstance(data, dict) or data.get("source") is not None:
@@ -56,7 +56,7 @@ def synthetic_banner(study: Study) -> Section | None:
         "with --config ray_jobs/lab6.yaml --data DIR for the study."])
 
 
-def status_section(study: Study) -> Section | None:
+def status_section(study: LoadedResults) -> Section | None:
     """First, when the run did not finish or a stage failed: what this report is not."""
     state = study.state or {}
     status = state.get("status")
@@ -77,7 +77,7 @@ def status_section(study: Study) -> Section | None:
     return None
 
 
-def summary(study: Study, headline: pd.DataFrame, significance: pd.DataFrame) -> Section:
+def summary(study: LoadedResults, headline: pd.DataFrame, significance: pd.DataFrame) -> Section:
     """The answer in a few sentences: which approach, by how much, at what cost, is it real."""
     approaches = sorted({c.approach for c in study.configurations})
     sizes = sorted(headline["n_test"].unique())
@@ -107,7 +107,8 @@ def summary(study: Study, headline: pd.DataFrame, significance: pd.DataFrame) ->
     return Section("Summary", [lines])
 
 
-def headline_section(study: Study, headline: pd.DataFrame, resamples: int, seed: int) -> Section:
+def headline_section(study: LoadedResults, headline: pd.DataFrame, resamples: int,
+                     seed: int) -> Section:
     """Every configuration's test scores with confidence intervals, time and speed-up."""
     shown = headline.assign(**{
         f"{name} [95% CI]": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in
@@ -137,12 +138,12 @@ def headline_section(study: Study, headline: pd.DataFrame, resamples: int, seed:
     return Section("Headline: every approach on the test set", blocks)
 
 
-def _classes_without_test_images(study: Study) -> list[str]:
+def _classes_without_test_images(study: LoadedResults) -> list[str]:
     per_class = tables.per_class_f1(study)
     return list(per_class.index[per_class["support"] == 0])
 
 
-def cost_section(study: Study) -> Section:
+def cost_section(study: LoadedResults) -> Section:
     """The timing fields of every configuration."""
     cost = tables.cost(study)
     shown = cost.dropna(axis=1, how="all").drop(columns="approach")
@@ -159,7 +160,7 @@ def cost_section(study: Study) -> Section:
         Table("cost", cost, format_frame(shown, FORMATS))])
 
 
-def repeats_section(study: Study) -> Section | None:
+def repeats_section(study: LoadedResults) -> Section | None:
     """Mean and standard deviation over seeds, where configurations were repeated."""
     summary_table = tables.repeat_summary(study)
     if summary_table.empty:
@@ -180,7 +181,7 @@ def repeats_section(study: Study) -> Section | None:
         Table("repeats_per_seed", per_seed, format_frame(per_seed))])
 
 
-def significance_section(study: Study, significance: pd.DataFrame) -> Section:
+def significance_section(study: LoadedResults, significance: pd.DataFrame) -> Section:
     """McNemar's exact test between the best fine-tune, the SVM, the probe and the baseline."""
     best, rule = tables.best_finetune(study)
     blocks = [("McNemar's exact test looks only at the test images on which two approaches "
@@ -199,7 +200,7 @@ def significance_section(study: Study, significance: pd.DataFrame) -> Section:
     return Section("Is the difference real? (McNemar)", blocks)
 
 
-def sweep_section(study: Study) -> Section | None:
+def sweep_section(study: LoadedResults) -> Section | None:
     """The freeze x lr table of the validation metric, its heatmap and every trial's curve."""
     metric = tables.sweep_metric(study)
     if metric is None:
@@ -224,7 +225,7 @@ def sweep_section(study: Study) -> Section | None:
     return Section("Fine-tuning sweep (validation)", blocks)
 
 
-def curves_section(study: Study) -> Section | None:
+def curves_section(study: LoadedResults) -> Section | None:
     """Learning curves of the runs that recorded a history."""
     history = tables.histories(study)
     if history.empty:
@@ -236,7 +237,7 @@ def curves_section(study: Study) -> Section | None:
         Table("learning_curves", history)])
 
 
-def per_class_section(study: Study) -> Section:
+def per_class_section(study: LoadedResults) -> Section:
     """F1 of every class by approach, as the seeds' per-class tables gave it."""
     per_class = tables.per_class_f1(study)
     shown = format_frame(per_class, {"support": "{:.0f}"}).rename_axis("class").reset_index()
@@ -249,7 +250,7 @@ def per_class_section(study: Study) -> Section:
         Table("classification_reports", tables.classification_reports(study))])
 
 
-def confusion_section(study: Study) -> Section:
+def confusion_section(study: LoadedResults) -> Section:
     """Confusion matrices: plotted for the compared approaches, saved for every configuration."""
     shown = tables.confusions(tables.contenders(study))
     blocks: list = [("Rows are the true class, columns the predicted class; numbers are image "
@@ -262,11 +263,11 @@ def confusion_section(study: Study) -> Section:
     return Section("Confusion matrices", blocks)
 
 
-def missing_section(study: Study) -> Section | None:
+def missing_section(study: LoadedResults) -> Section | None:
     """What this results folder lacks, so a partial report says so."""
     items = [f"no {approach} run" for approach in study.missing]
     if study.trials is None:
-        items.append(f"no {Layout(study.root).trials.name}: no sweep table")
+        items.append(f"no {study.layout.trials.name}: no sweep table")
     no_history = [c.label for c in study.configurations
                   if c.approach in ("finetune", "baseline") and not c.record.get("history")]
     if no_history:
@@ -278,7 +279,7 @@ def missing_section(study: Study) -> Section | None:
     return Section("What is missing", [items]) if items else None
 
 
-def backbone_section(study: Study) -> Section | None:
+def backbone_section(study: LoadedResults) -> Section | None:
     """The backbone, which pretrained weights it started from and where they came from, and
     the stages each freeze spec trains (backbone.json)."""
     backbone = study.backbone
@@ -295,13 +296,13 @@ def backbone_section(study: Study) -> Section | None:
     return Section("Backbone and pretrained weights", lines)
 
 
-def environment_section(study: Study) -> Section:
+def environment_section(study: LoadedResults) -> Section:
     """Ray and torch versions, nodes and GPUs (the runs' `host`), and the experiment's config."""
     environment = tables.environment(study)
     blocks: list = [_environment_sentence(environment), Table("environment", environment,
                                                                format_frame(environment))]
     config = study.config
-    source = (Layout(study.root).experiment.name if study.experiment is not None
+    source = (study.layout.experiment.name if study.experiment is not None
               else f"the first {RUN_JSON}")
     if config:
         blocks += [f"The experiment's config (from {source}):",

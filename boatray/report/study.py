@@ -90,7 +90,7 @@ class Configuration:
 
 
 @dataclass
-class Study:
+class LoadedResults:
     """Everything one report is made of."""
 
     results_dir: Path
@@ -100,6 +100,11 @@ class Study:
     notes: list[str] = field(default_factory=list)
     state: dict[str, Any] | None = None  # run_state.json: running, interrupted or finished
     backbone: dict[str, Any] | None = None
+
+    @property
+    def layout(self) -> Layout:
+        """The results folder's files and folders."""
+        return Layout(self.results_dir)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -117,7 +122,7 @@ class Study:
         return [a for a in APPROACHES if not self.of(a)]
 
 
-def load_study(results_dir: str | Path) -> Study:
+def load_study(results_dir: str | Path) -> LoadedResults:
     """Read every run folder under `results_dir`, the sweep's trials and the experiment's
     config (results.Layout)."""
     root = Path(results_dir)
@@ -129,7 +134,7 @@ def load_study(results_dir: str | Path) -> Study:
     if not runs:
         raise BoatrayError(f"no runs under {root} (a run folder holds {PREDICTIONS} and "
                            f"{RUN_JSON})")
-    return Study(root, _configurations(runs, notes), _trials(root, notes),
+    return LoadedResults(root, _configurations(runs, notes), _trials(root, notes),
                  _json(layout.experiment, f"the config comes from {RUN_JSON}", notes), notes,
                  read_state(root), _json(layout.backbone, "no backbone section", notes))
 

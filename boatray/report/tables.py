@@ -11,7 +11,7 @@ import pandas as pd
 from boatray import metrics
 from boatray.config import FREEZE_SPECS
 from boatray.errors import BoatrayError
-from boatray.report.study import Configuration, Study
+from boatray.report.study import Configuration, LoadedResults
 from boatray.results import classes_of
 
 SIGNIFICANCE = 0.05
@@ -47,7 +47,7 @@ def rate_counts(configuration: Configuration) -> str:
     return "images through the network (training)"
 
 
-def headline(study: Study, resamples: int, seed: int) -> pd.DataFrame:
+def headline(study: LoadedResults, resamples: int, seed: int) -> pd.DataFrame:
     """One row per configuration: test scores (mean over seeds), 95% CIs, time and speed-up."""
     rows = []
     for configuration in study.configurations:
@@ -73,7 +73,7 @@ def headline(study: Study, resamples: int, seed: int) -> pd.DataFrame:
     return table
 
 
-def cost(study: Study) -> pd.DataFrame:
+def cost(study: LoadedResults) -> pd.DataFrame:
     """Where the time went: every timing field of the run records (mean over seeds) and
     epochs run."""
     return pd.DataFrame([{
@@ -84,14 +84,14 @@ def cost(study: Study) -> pd.DataFrame:
     } for c in study.configurations])
 
 
-def repeat_scores(study: Study) -> pd.DataFrame:
+def repeat_scores(study: LoadedResults) -> pd.DataFrame:
     """Test scores of every seed of the configurations that were repeated."""
     return pd.DataFrame([
         {"configuration": c.label, "seed": run.seed, **run.scores}
         for c in study.configurations if len(c.runs) > 1 for run in c.runs])
 
 
-def repeat_summary(study: Study) -> pd.DataFrame:
+def repeat_summary(study: LoadedResults) -> pd.DataFrame:
     """Mean and standard deviation over seeds, one row per repeated configuration and score."""
     frames = [metrics.across_repeats([run.scores for run in c.runs])
               .rename_axis("score").reset_index()
@@ -103,7 +103,7 @@ def repeat_summary(study: Study) -> pd.DataFrame:
                                                   "repeats"]]
 
 
-def classification_reports(study: Study) -> pd.DataFrame:
+def classification_reports(study: LoadedResults) -> pd.DataFrame:
     """Every run's per-class precision, recall, F1 and support, long form."""
     frames = [run.classification.rename_axis("class").reset_index()
               .assign(configuration=c.label, seed=run.seed)
@@ -113,7 +113,7 @@ def classification_reports(study: Study) -> pd.DataFrame:
                   "support"]]
 
 
-def per_class_f1(study: Study) -> pd.DataFrame:
+def per_class_f1(study: LoadedResults) -> pd.DataFrame:
     """F1 of each class (rows, by name) for each configuration (columns; mean over seeds)."""
     reports = classification_reports(study)
     reports = reports[~reports["class"].isin(metrics.AVERAGES)]
@@ -130,7 +130,7 @@ def confusions(configurations: list[Configuration]) -> dict[str, pd.DataFrame]:
     return {c.label: metrics.confusion(c.tests[0]) for c in configurations}
 
 
-def best_finetune(study: Study) -> tuple[Configuration | None, str]:
+def best_finetune(study: LoadedResults) -> tuple[Configuration | None, str]:
     """The fine-tune configuration the comparison uses, and how it was chosen (never by test)."""
     candidates = study.of("finetune")
     if not candidates:
@@ -148,7 +148,7 @@ def best_finetune(study: Study) -> tuple[Configuration | None, str]:
     return candidates[0], "no run is marked best and validation predictions are missing"
 
 
-def contenders(study: Study) -> list[Configuration]:
+def contenders(study: LoadedResults) -> list[Configuration]:
     """The best fine-tune and the first configuration of every other approach."""
     best, _ = best_finetune(study)
     others = [study.of(a)[0] for a in ("svm", "probe", "baseline") if study.of(a)]
@@ -171,7 +171,7 @@ def meaning(a: str, b: str, test: metrics.McNemar) -> str:
             f"least this uneven would happen with probability {test.p_value:.2g}, {verdict}.")
 
 
-def significance(study: Study) -> pd.DataFrame:
+def significance(study: LoadedResults) -> pd.DataFrame:
     """McNemar's exact test between every pair of contenders (first seed of each)."""
     rows = []
     for a, b in combinations(contenders(study), 2):
@@ -188,7 +188,7 @@ def significance(study: Study) -> pd.DataFrame:
                                        "meaning"])
 
 
-def edge_notes(study: Study) -> list[str]:
+def edge_notes(study: LoadedResults) -> list[str]:
     """A sentence for every selected hyperparameter that sits on the edge of its grid: the
     best value may lie beyond the values tried."""
     notes = []
@@ -213,7 +213,7 @@ def _edge(label: str, key: str, chosen: float, values: list[float]) -> str:
             f"({', '.join(f'{v:g}' for v in values)}); a better value may lie beyond it.")
 
 
-def label_rule_notes(study: Study) -> list[str]:
+def label_rule_notes(study: LoadedResults) -> list[str]:
     """How the classical heads label images, and how often the SVM's own vote agrees."""
     notes = []
     for configuration in study.configurations:
@@ -227,7 +227,7 @@ def label_rule_notes(study: Study) -> list[str]:
     return notes
 
 
-def sweep_metric(study: Study) -> str | None:
+def sweep_metric(study: LoadedResults) -> str | None:
     """The validation metric the sweep selected by (config sweep.metric), if trials have it."""
     if study.trials is None:
         return None
@@ -288,7 +288,7 @@ def sweep_grid(summary: pd.DataFrame) -> pd.DataFrame | None:
     return grid[sorted(grid.columns, reverse=True)]
 
 
-def histories(study: Study) -> pd.DataFrame:
+def histories(study: LoadedResults) -> pd.DataFrame:
     """Per-epoch history of each configuration's representative run (the run record's `history`)."""
     frames = []
     for configuration in study.configurations:
@@ -305,7 +305,7 @@ HOST_FIELDS = ("hostname", "platform", "python", "torch", "ray", "gpus", "gpu_na
                "cluster_gpus")
 
 
-def environment(study: Study) -> pd.DataFrame:
+def environment(study: LoadedResults) -> pd.DataFrame:
     """One row per distinct host the runs report (the run records' `host`), with the runs on it."""
     rows = []
     for configuration in study.configurations:
