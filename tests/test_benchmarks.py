@@ -14,15 +14,31 @@ from pathlib import Path
 
 import pytest
 
+from boatray import config, freezing, models
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ("extraction", "finetune_epoch", "svm_fit", "smoke_sweep", "scaling", "gpu_check")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_every_benchmark_imports_and_parses_its_defaults(name, monkeypatch):
+def test_every_benchmark_defaults_to_the_study_it_measures(name, monkeypatch):
+    """Run with no arguments, a benchmark measures the lab6 study's shapes: its image size,
+    a registered model, real freeze specs, the 16 classes, and the shared MarDCT sample."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     module = importlib.import_module(name)
-    assert module.build_parser().parse_args([]) is not None
+    defaults = vars(module.build_parser().parse_args([]))
+    lab6 = config.load(BENCHMARKS.parent / "ray_jobs" / "lab6.yaml")
+    assert callable(module.main)
+    if "size" in defaults:
+        assert tuple(defaults["size"]) == lab6.data.image_size
+    if "model" in defaults:
+        assert defaults["model"] in models.names()
+    if "freeze" in defaults:
+        assert set(defaults["freeze"]) <= set(freezing.FREEZE_SPECS)
+    if "classes" in defaults:
+        assert defaults["classes"] == 16
+    if "sample" in defaults:
+        assert defaults["sample"].name == "mardct-sample"
 
 
 def test_the_svm_benchmark_prints_its_ratio_and_agreement():
@@ -37,7 +53,6 @@ def test_the_svm_benchmark_prints_its_ratio_and_agreement():
 def test_the_gpu_check_steps_are_commands_that_parse(monkeypatch, tmp_path):
     """What can be checked without a GPU: the shell script's syntax, every step's arguments
     (the benchmark scripts' parsers, the sweep's config overrides) and the stand-in sample."""
-    from boatray import config
     from boatray.sweep import build_parser as sweep_parser
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from PIL import Image
 
 from boatray import metrics, results, run_state
 from boatray.config import Experiment
@@ -209,7 +211,9 @@ def test_the_backbone_section_names_the_weights_source_and_the_stages(full_repor
 def test_environment_names_versions_nodes_and_gpus(full_report: Path) -> None:
     md = (full_report / "report" / "report.md").read_text()
     assert "Ray 2.60.0, torch 2.15.0, Python 3.11.7; 1 node(s), 1 GPU(s) (NVIDIA H100)." in md
-    assert "sweep:" in md  # the config, as YAML
+    shown = md.split("The experiment's config (from experiment.json):", 1)[1]
+    block = shown.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block) == Experiment(name="fixture").to_dict()  # the config, whole
 
 
 def test_partial_results_dir_reports_what_is_there(tmp_path: Path) -> None:
@@ -272,7 +276,9 @@ def test_html_renders_in_headless_chromium(full_report: Path, tmp_path: Path) ->
         capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert screenshot.stat().st_size > 50_000  # a rendered page, not a blank one
+    with Image.open(screenshot) as page:  # a rendered page: text and figures, not a blank one
+        pixels = np.asarray(page.convert("L"))
+    assert (pixels < 128).mean() > 0.01 and len(np.unique(pixels)) > 32
 
 
 def test_report_tells_the_truth_at_the_top(full_report: Path) -> None:
