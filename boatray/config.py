@@ -84,6 +84,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     cache_prefix: bool = True
+    cache_decoded: bool = True  # decode each image once per node (without augmentation)
     cache_min_speedup: float = option(1.5, min=1.0)  # by FLOPs; else the cache is skipped
     seed: int = 0
     num_workers: int = option(1, min=0)

@@ -17,7 +17,8 @@ import pytest
 from boatray import config, freezing, models
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("extraction", "finetune_epoch", "svm_fit", "smoke_sweep", "scaling", "gpu_check")
+SCRIPTS = ("extraction", "finetune_epoch", "decoded_epoch", "svm_fit", "smoke_sweep", "scaling",
+           "gpu_check")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -20,7 +20,7 @@ from boatray import freezing, models, predict
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
-from boatray.finetune import checkpoints, loop, prefix_cache, trainer, tuning
+from boatray.finetune import checkpoints, engine, loop, prefix_cache, trainer, tuning
 from boatray.results import proba_of
 
 SIZE = [32, 96]
@@ -145,6 +145,29 @@ def test_the_sweep_computes_one_cache_per_frozen_prefix_and_seed(tmp_path, monke
     caches = tuning.sweep_caches(from_dict(raw), tmp_path / "manifest.parquet")
     assert sorted(asked) == sorted((f, s) for f in ("head", "last1", "all") for s in (5, 6))
     assert caches["last1/1"] == "last1-6" and len(caches) == 6
+
+
+def test_training_on_decoded_images_trains_the_weights_of_decoding_every_epoch(
+        manifest, tmp_path, monkeypatch, capsys):
+    """The decoded-image cache feeds the loop the same pixels in the same batches as decoding
+    the JPEGs every epoch, read from one build per node (in `engine.DECODED_ROOT`)."""
+    monkeypatch.setattr(engine, "DECODED_ROOT", tmp_path / "decoded")
+    save, states = checkpoints.save_checkpoint, {}
+
+    def keep(directory, module, *rest):
+        states[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return save(directory, module, *rest)
+
+    monkeypatch.setattr(loop, "save_checkpoint", keep)
+    for name, decoded in (("jpeg", False), ("decoded", True)):
+        exp = from_dict(settings(tmp_path / "results", freeze="last1", cache_prefix=False,
+                                 cache_decoded=decoded, epochs=1))
+        trainer.fit(exp, manifest, tmp_path / "runs" / name)
+    assert "[cache] decoded 48 images at 32x96 once" in capsys.readouterr().out
+    assert len(list((tmp_path / "decoded").glob("decoded-32x96-*/train.npy"))) == 1
+    start = initial_state()
+    assert relative_change(states["decoded"], states["jpeg"], start,
+                           suffix_keys(start, "layer3")) < 1e-3
 
 
 # ---------------------------------------------------------------- in-process runs

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,9 +28,13 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from boatray import freezing
 from boatray.config import Experiment, TrainConfig
-from boatray.data import images
+from boatray.data import decoded, images
+from boatray.data.decoded import MappedSplit
 from boatray.finetune import prefix_cache
 from boatray.finetune.checkpoints import Scheduler
+
+DECODED_ROOT = Path(tempfile.gettempdir()) / "boatray-decoded"
+"""Where each node keeps its decoded-image caches (node-local: the cache's lock needs it)."""
 
 # ---------------------------------------------------------------- data
 
@@ -95,9 +101,9 @@ def split_dataset(frame, split: str, size: tuple[int, int], augment: bool = Fals
 
 
 def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, **args) -> DataLoader:
-    """A DataLoader of `sampler`'s order in batches; a frozen-prefix cache is read a batch at a
-    time (`prefix_cache.CachedActivations`), with the same batches."""
-    if isinstance(dataset, prefix_cache.CachedActivations):
+    """A DataLoader of `sampler`'s order in batches; a memory-mapped cache (frozen-prefix
+    activations, decoded images) is read a batch at a time, with the same batches."""
+    if isinstance(dataset, MappedSplit):
         return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False),
                           batch_size=None, **args)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, **args)
@@ -106,8 +112,18 @@ def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, **args
 def run_datasets(exp: Experiment, frame, cache: str | None
                  ) -> tuple[Dataset, Dataset, str | None]:
     """(train set, valid set, cut point) of a run: images and None, or with a frozen-prefix
-    cache the cached activations and the cut point they were taken at."""
+    cache the cached activations and the cut point they were taken at.
+
+    Images come from the node's decoded-image cache (`train.cache_decoded`, no augmentation):
+    each image decoded once per node, not in every epoch of every trial."""
     if cache is None:
+        folder = None
+        if exp.train.cache_decoded and not exp.data.augment:
+            folder = decoded.ensure_decoded(prefix_cache.cached_rows(frame),
+                                            exp.data.image_size, DECODED_ROOT)
+        if folder is not None:
+            return (*(decoded.DecodedImages(folder, split, frame.label_idx[frame.split == split])
+                      for split in ("train", "valid")), None)
         return (split_dataset(frame, "train", exp.data.image_size, exp.data.augment),
                 split_dataset(frame, "valid", exp.data.image_size), None)
     folder, info = prefix_cache.open_cache(cache)

@@ -15,6 +15,7 @@ from torch import nn
 
 from boatray import freezing, models
 from boatray.config import Experiment, from_dict
+from boatray.data.decoded import DecodedImages
 from boatray.data.manifest import read_manifest
 from boatray.finetune import sessions
 from boatray.finetune.checkpoints import restore_checkpoint, save_checkpoint
@@ -64,8 +65,10 @@ def train_loop(config: dict, session: sessions.Session) -> None:
         weights=weights[train_set.labels].tolist() if cfg.balanced_sampler else None)
     valid_sampler = ShardSampler(len(valid_set), rank, world, shuffle=False, pad=False)
     # a cache is read a memory-mapped batch at a time: on a CPU, loader processes would only
-    # add their start-up (seconds each) and take cores from the training step
-    workers = 0 if cut is not None and not on_gpu else cfg.loader_workers
+    # add their start-up (seconds each) and take cores from the training step; decoded images
+    # are read faster than loader processes could hand them over
+    decoded = isinstance(train_set, DecodedImages)
+    workers = 0 if decoded or (cut is not None and not on_gpu) else cfg.loader_workers
     loader_args = {"num_workers": workers, "persistent_workers": workers > 0,
                    "pin_memory": on_gpu}
     train_loader, valid_loader = (session.prepare_loader(

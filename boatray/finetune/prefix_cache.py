@@ -29,6 +29,7 @@ from torch import nn
 
 from boatray import freezing, models, storage
 from boatray.config import Experiment
+from boatray.data.decoded import MappedSplit, rows_digest
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
 from boatray.results import Layout
@@ -71,20 +72,10 @@ def cache_key(exp: Experiment, rows: pd.DataFrame, stage: str) -> str:
     inputs = {"format": FORMAT, "model": exp.model.name, "pooling": exp.model.pooling,
               "weights": f"sha256:{digest}" if digest else weights,
               "stage": stage, "image_size": list(exp.data.image_size), "dtype": DTYPE,
-              "seed": exp.train.seed if random_init else None, "rows": _rows_digest(rows)}
+              "seed": exp.train.seed if random_init else None, "rows": rows_digest(rows)}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
     height, width = exp.data.image_size
     return f"{exp.model.name}-{stage}-{height}x{width}-{digest}"
-
-
-def _rows_digest(rows: pd.DataFrame) -> str:
-    """The rows' paths, labels, splits and image file sizes (a replaced image of another size
-    changes the digest; sizes, unlike modification times, survive copying the data)."""
-    digest = hashlib.sha256()
-    for path, label, split in zip(rows.path, rows.label_idx, rows.split):
-        size = os.stat(path).st_size if os.path.exists(path) else -1
-        digest.update(f"{path}\t{label}\t{split}\t{size}\n".encode())
-    return digest.hexdigest()
 
 
 def location(exp: Experiment, key: str) -> str:
@@ -244,33 +235,13 @@ def open_cache(where: str) -> tuple[Path, dict]:
     return folder, json.loads((folder / INFO_FILE).read_text())
 
 
-class CachedActivations(torch.utils.data.Dataset):
-    """(float16 activations, label index) of one split of a cache, read from its memory-mapped
-    .npy; each loader process opens its own map.
+class CachedActivations(MappedSplit):
+    """(float16 activations, label index) of one split of a cache. Indexed by a list of indices
+    (a `BatchSampler`'s batch, with `DataLoader(batch_size=None)`), it returns the whole batch,
+    (n, *shape) and (n,), read at once: stacking 1.5 MB items one by one costs more than the
+    read."""
 
-    Indexed by a list of indices (a `BatchSampler`'s batch, with `DataLoader(batch_size=None)`),
-    it returns the whole batch, (n, *shape) and (n,), read at once: stacking 1.5 MB items one by
-    one in the default collate costs more than the read.
-    """
-
-    def __init__(self, folder: str | Path, split: str, labels: Sequence[int]) -> None:
-        self.file = Path(folder) / f"{split}.npy"
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self._rows: np.ndarray | None = None
-        if len(self._array()) != len(self.labels):
-            raise BoatrayError(f"frozen-prefix cache {self.file} holds {len(self._array())} "
-                               f"images, the manifest's {split} split {len(self.labels)}")
-
-    def _array(self) -> np.ndarray:
-        if self._rows is None:
-            self._rows = np.load(self.file, mmap_mode="r")
-        return self._rows
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_rows": None}  # pickle the path, not the mapped data
-
-    def __len__(self) -> int:
-        return len(self.labels)
+    what = "frozen-prefix cache"
 
     def __getitem__(self, index: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.array(self._array()[index])  # a copy: a row, or the batch's rows
