@@ -103,10 +103,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def stage_features_svm(exp: Experiment, manifest: Path, resume: bool) -> None:
-    """Feature extraction (kept on resume), then the SVM and the linear probe on the driver."""
+def stage_features_svm(exp: Experiment, manifest: Path) -> None:
+    """Feature extraction (unless the sweep or an earlier run of this experiment did it), then
+    the SVM and the linear probe on the driver."""
     features = exp.layout.features
-    if not (resume and features.is_file()):
+    if not features.is_file():
         extract_experiment(exp, manifest, features)
     fit_experiment(exp, features, exp.layout.runs)
 
@@ -133,7 +134,7 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
         ("fine-tuning sweep", exp.sweep.enabled,
          lambda: finetune_stage.run_stage(exp, manifest, resume)),
         ("features + SVM", exp.features.enabled,
-         lambda: stage_features_svm(exp, manifest, resume)),
+         lambda: stage_features_svm(exp, manifest)),
         ("BetterCNN baseline", exp.baseline.enabled,
          lambda: baseline.run_stage(exp, manifest, resume)),
     ]

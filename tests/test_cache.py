@@ -2,7 +2,7 @@
 
 The training runs are in-process (`train.num_workers=0`: sessions.LocalSession) on a tiny
 generated set, so they cost seconds; the caches of so few images are computed by the features
-pipeline in process (features.SMALL_INPUT); one run with 2 DDP workers proves the cached path
+pipeline in process (pipeline.runs_here); one run with 2 DDP workers proves the cached path
 under Ray Train.
 """
 
@@ -20,6 +20,7 @@ from boatray import freezing, models, predict
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
+from boatray.features import featurefile, pipeline
 from boatray.finetune import checkpoints, engine, loop, prefix_cache, trainer, tuning
 from boatray.results import proba_of
 
@@ -137,9 +138,10 @@ def test_a_cache_that_would_not_pay_is_not_computed(tmp_path, manifest, monkeypa
 
 def test_the_sweep_computes_one_cache_per_frozen_prefix_and_seed(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(prefix_cache, "prepare", lambda exp, manifest: asked.append(
+    monkeypatch.setattr(prefix_cache, "prepare", lambda exp, manifest, features: asked.append(
         (exp.train.freeze, exp.train.seed)) or f"{exp.train.freeze}-{exp.train.seed}")
     raw = settings(tmp_path)
+    raw["features"]["enabled"] = False  # no shared features to extract first
     raw["seed"] = 5
     raw["sweep"] = {"freeze": ["head", "last1", "all"], "lr": [0.1, 0.01], "repeats": 2}
     caches = tuning.sweep_caches(from_dict(raw), tmp_path / "manifest.parquet")
@@ -168,6 +170,28 @@ def test_training_on_decoded_images_trains_the_weights_of_decoding_every_epoch(
     start = initial_state()
     assert relative_change(states["decoded"], states["jpeg"], start,
                            suffix_keys(start, "layer3")) < 1e-3
+
+
+def test_one_trunk_pass_serves_the_head_trials_and_the_svm(tmp_path, manifest, monkeypatch):
+    """The sweep extracts the experiment's pooled features once and reads the head trials'
+    cache from them; a repeat with other random weights computes its own."""
+    passes = []
+    original = pipeline.trunk_batches
+    monkeypatch.setattr(pipeline, "trunk_batches", lambda rows, *a: (
+        passes.append(len(rows)), original(rows, *a))[1])
+    raw = settings(tmp_path / "results")
+    raw["sweep"] = {"freeze": ["head", "all"], "repeats": 2}
+    exp = from_dict(raw)
+    caches = tuning.sweep_caches(exp, manifest)
+    assert passes == [56, 48]  # the features of every image; repeat 1's own trunk (seed 1)
+    x, table = featurefile.read_features(exp.layout.features)
+    folder, info = prefix_cache.open_cache(caches["head/0"])
+    assert info["from_features"] == str(exp.layout.features)
+    for split in ("train", "valid"):
+        cached = np.load(folder / f"{split}.npy")
+        np.testing.assert_array_equal(cached, x[(table.split == split).to_numpy()].astype(
+            prefix_cache.DTYPE))
+    assert caches["all/0"] is None and caches["head/1"] != caches["head/0"]
 
 
 # ---------------------------------------------------------------- in-process runs

@@ -75,6 +75,11 @@ def feature_info(path: str | Path) -> dict:
     return info
 
 
+def read_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
+    """Some of a features file's row columns (path, label_idx, split), without the features."""
+    return pq.read_table(path, columns=columns).to_pandas()
+
+
 def read_features(path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
     """(X of shape (n, *shape), frame with path, label_idx, split) of a features file."""
     path = Path(path)

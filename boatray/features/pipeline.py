@@ -147,6 +147,7 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
     export.save_trunk(trunk, out_path)
     shape = output_shape(trunk, image_size)
     meta = {"classes": classes, "shape": list(shape), "stage": cfg.stage, "dtype": cfg.dtype,
+            "seed": seed,
             "image_size": list(image_size), "model": config_module.to_dict(model)}
     out_path = Path(out_path)
     batches, settings = trunk_batches(frame, trunk, cfg, image_size)  # lazy: runs below
@@ -221,22 +222,33 @@ class PipelineTiming:
 
 
 SMALL_INPUT = 256
-"""Images up to which a CPU extraction with at most one actor runs in the calling process: for
-so few, starting a Ray Data actor and shipping it the model (about 20 s with 2 CPU cores)
-costs more than the work."""
+"""Images up to which a CPU extraction with one actor runs in the calling process on any
+cluster: for so few, starting an actor and shipping it the model costs more than the work."""
+
+
+def runs_here(rows: int, cfg: FeaturesConfig) -> bool:
+    """Whether an extraction runs in the calling process: on CPUs with one actor, for a small
+    input or where Ray has no node but this one (or is not running). An actor would do the same
+    work on the same cores after starting and receiving the model (about 20 s with 2 cores)."""
+    if cfg.use_gpu or cfg.num_actors not in (None, 1):
+        return False
+    if rows <= SMALL_INPUT or not ray.is_initialized():
+        return True
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
 
 
 def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
                   image_size: tuple[int, int]) -> tuple[Iterator[dict[str, np.ndarray]], dict]:
-    """The Ray Data pipeline: `trunk` over every row of `frame` (path, label_idx, split); for
-    a small input on a CPU (`SMALL_INPUT`), the same decode and trunk steps in this process.
+    """The Ray Data pipeline: `trunk` over every row of `frame` (path, label_idx, split), or
+    the same decode and trunk steps in this process (`runs_here`).
 
     Returns the batches, in the frame's order, each with those columns, `error` ('' or why the
     image could not be decoded) and `features` (the flattened trunk output as `cfg.dtype`), and
     the pipeline's settings (`actors`, `threads_per_actor`, `compile`, `fused_decode`,
     `in_process`).
     """
-    if len(frame) <= SMALL_INPUT and not cfg.use_gpu and cfg.num_actors in (None, 1):
+    if runs_here(len(frame), cfg):
         return _batches_here(frame, trunk, cfg, image_size), {
             "actors": 1, "threads_per_actor": torch.get_num_threads(), "compile": cfg.compile,
             "fused_decode": True, "in_process": True}

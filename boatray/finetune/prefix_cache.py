@@ -32,6 +32,7 @@ from boatray.config import Experiment
 from boatray.data.decoded import MappedSplit, rows_digest
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
+from boatray.features import featurefile
 from boatray.results import Layout
 
 INFO_FILE = "cache.json"
@@ -108,11 +109,12 @@ def estimated_speedup(network: nn.Module, stage: str, image_size: Sequence[int])
     return (prefix + 3 * suffix) / (3 * suffix)
 
 
-def prepare(exp: Experiment, manifest: str | Path) -> str | None:
+def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None) -> str | None:
     """The location of this run's frozen-prefix cache, computed first when there is none; None
     when the run cannot use one, one would not pay (`estimated_speedup` below
     `train.cache_min_speedup`), or a new one would not fit on the disk it is written to.
-    Prints a line saying which, and why."""
+    Prints a line saying which, and why. A pooled cache is read from `features`, a features
+    file of the same trunk, where there is one: one trunk pass serves both."""
     stage, why = cached_stage(exp)
     run = f"freeze={exp.train.freeze} seed={exp.train.seed}"
     if stage is None:
@@ -147,9 +149,10 @@ def prepare(exp: Experiment, manifest: str | Path) -> str | None:
               f"{needed / 2**30:.1f} GiB, {folder.parent} has {free / 2**30:.1f} GiB free",
               flush=True)
         return None
-    print(f"[cache] {run}: computing the {stage} activations of {len(rows)} images",
-          flush=True)
-    info = _compute(exp, rows, stage, trunk, shape, folder)
+    source = features if _same_trunk(exp, rows, stage, features) else None
+    print(f"[cache] {run}: {'reading' if source else 'computing'} the {stage} activations of "
+          f"{len(rows)} images{f' from {source}' if source else ''}", flush=True)
+    info = _compute(exp, rows, stage, trunk, shape, folder, source)
     if storage.is_remote(where):  # the data files first, cache.json (completion) last
         storage.copy((folder / name, f"{where}/{name}") for name in FILES)
     print(f"[cache] {run}: training from cached {stage} activations ({why}): computed "
@@ -164,10 +167,36 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _same_trunk(exp: Experiment, rows: pd.DataFrame, stage: str, features: Path | None
+                ) -> bool:
+    """Whether a features file holds this run's `stage` activations of every row: the same
+    model, weights (and seed, for random ones), image size and cut point."""
+    if features is None or not features.is_file():
+        return False
+    info = featurefile.feature_info(features)
+    same_init = exp.model.weights.lower() != "none" or info.get("seed") == exp.train.seed
+    if (info["stage"], info["image_size"], info["model"]) != (
+            stage, list(exp.data.image_size), dataclasses.asdict(exp.model)) or not same_init:
+        return False
+    paths = featurefile.read_columns(features, ["path", "split"])
+    return paths[paths.split.isin(SPLITS)].path.tolist() == rows.path.tolist()
+
+
+def _batches_from(features: Path) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """A features file's train and valid rows as one batch of `trunk_batches`' kind."""
+    x, table = featurefile.read_features(features)
+    keep = table.split.isin(SPLITS).to_numpy()
+    batch = {"split": table.split.to_numpy()[keep], "error": np.full(int(keep.sum()), ""),
+             "features": x[keep].reshape(int(keep.sum()), -1)}
+    stats = featurefile.feature_info(features)["extraction"]
+    return [batch], {"from_features": str(features), "extraction_seconds": stats.get("seconds")}
+
+
 def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module,
-             shape: tuple[int, ...], folder: Path) -> dict:
-    """Run `trunk`, the prefix up to `stage`, over `rows` with the features pipeline into
-    `folder` (the cache, or its node-local copy); return its cache.json record."""
+             shape: tuple[int, ...], folder: Path, features: Path | None = None) -> dict:
+    """Run `trunk`, the prefix up to `stage`, over `rows` with the features pipeline (or read
+    its activations from `features`) into `folder` (the cache, or its node-local copy); return
+    its cache.json record."""
     from boatray.features.pipeline import trunk_batches
 
     cfg = dataclasses.replace(exp.features, stage=stage, dtype=DTYPE)
@@ -179,8 +208,9 @@ def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module,
             temporary / f"{split}.npy", mode="w+", dtype=DTYPE,
             shape=(int(counts.get(split, 0)), *shape)) for split in SPLITS}
         filled = dict.fromkeys(SPLITS, 0)
-        batches, settings = trunk_batches(rows, trunk, cfg, exp.data.image_size)
         started = time.monotonic()
+        batches, settings = (_batches_from(features) if features is not None
+                             else trunk_batches(rows, trunk, cfg, exp.data.image_size))
         for batch in batches:
             errors = batch["error"][batch["error"] != ""]
             if len(errors):
@@ -195,7 +225,7 @@ def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module,
         for array in arrays.values():
             array.flush()
         info = {"key": folder.name, "stage": stage, "shape": list(shape), "dtype": DTYPE,
-                "images": filled, "seconds": seconds,
+                "images": filled, "seconds": seconds + (settings.get("extraction_seconds") or 0),
                 "bytes": sum(a.nbytes for a in arrays.values()),
                 "model": dataclasses.asdict(exp.model), "image_size": list(exp.data.image_size),
                 "seed": exp.train.seed, **settings}

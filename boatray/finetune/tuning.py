@@ -77,11 +77,29 @@ def run_trial(config: dict, experiment: Experiment, manifest: str, train_storage
 def sweep_caches(exp: Experiment, manifest: Path) -> dict[str, str | None]:
     """The frozen-prefix cache of every freeze spec and repeat the sweep's trials can have
     (their lr and scheduler change no cache), computed now where missing; None where a trial
-    cannot use one."""
+    cannot use one. Pooled caches are read from the experiment's features (`shared_features`)."""
     repeats = [0] if exp.sweep.search == "optuna" else range(exp.sweep.repeats)
-    return {_cache_slot(freeze, repeat): prefix_cache.prepare(trial_experiment(exp, {
+    trials = {_cache_slot(freeze, repeat): trial_experiment(exp, {
         "freeze": freeze, "lr": exp.train.lr, "scheduler": exp.train.scheduler,
-        "repeat": repeat}), manifest) for freeze in exp.sweep.freeze for repeat in repeats}
+        "repeat": repeat}) for freeze in exp.sweep.freeze for repeat in repeats}
+    features = shared_features(exp, manifest, list(trials.values()))
+    return {slot: prefix_cache.prepare(trial, manifest, features)
+            for slot, trial in trials.items()}
+
+
+def shared_features(exp: Experiment, manifest: Path, trials: list[Experiment]) -> Path | None:
+    """The experiment's features file, extracted now when a trial trains from the pooled
+    features and the features stage extracts the same ones: one trunk pass serves both."""
+    pooled = any(prefix_cache.cached_stage(trial)[0] == "pool" for trial in trials)
+    if not (pooled and exp.features.enabled and exp.features.stage == "pool"):
+        return None
+    if not exp.layout.features.is_file():
+        from boatray.features.pipeline import extract_experiment
+
+        print("[cache] extracting the pooled features once: they serve the head trials' cache "
+              "and the SVM", flush=True)
+        extract_experiment(exp, manifest, exp.layout.features)
+    return exp.layout.features
 
 
 def _cache_slot(freeze: str, repeat: int) -> str:
