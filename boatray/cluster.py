@@ -37,6 +37,15 @@ def ray_address(address: str | None = None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or LOCAL
 
 
+def only_this_node() -> bool:
+    """Whether Ray runs nowhere but on this process's node (or is not running): work for one
+    CPU slot can then run in this process instead of a Ray worker that must start first."""
+    if not ray.is_initialized():
+        return True
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+
+
 def start_ray(address: str | None = None, **kwargs) -> None:
     """Join the Ray cluster at `address` (default: RAY_ADDRESS) or start a private local one.
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from boatray import config as config_module
 from boatray import export, models
-from boatray.cluster import start_ray
+from boatray.cluster import only_this_node, start_ray
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
 from boatray.data.images import decode, normalize, to_chw
 from boatray.data.manifest import read_manifest
@@ -232,10 +232,7 @@ def runs_here(rows: int, cfg: FeaturesConfig) -> bool:
     work on the same cores after starting and receiving the model (about 20 s with 2 cores)."""
     if cfg.use_gpu or cfg.num_actors not in (None, 1):
         return False
-    if rows <= SMALL_INPUT or not ray.is_initialized():
-        return True
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+    return rows <= SMALL_INPUT or only_this_node()
 
 
 def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,

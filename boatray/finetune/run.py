@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from boatray import export, predict, results, storage
+from boatray.cluster import only_this_node
 from boatray.config import Experiment, TrainConfig
 from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache
@@ -32,11 +33,7 @@ def default_run_name(exp: Experiment, approach: str) -> str:
 def run(exp: Experiment, manifest: str | Path, run_dir: str | Path,
         approach: str = "finetune", record: dict | None = None) -> Path:
     """Train, predict valid and test with the final checkpoint, write the run folder; return it.
-    `record` adds to the run record's fields (e.g. a `config_id` that groups repeats).
-
-    Prediction runs as a Ray task with one training worker's resources (a GPU when training
-    used GPUs) wherever the checkpoint storage can be read, not necessarily on the driver.
-    """
+    `record` adds to the run record's fields (e.g. a `config_id` that groups repeats)."""
     began = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     result = fit(exp, manifest, run_dir)
@@ -51,18 +48,21 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
     """Predict valid and test with a ray.train.Checkpoint; write the run folder; return it.
 
     Prediction runs as a Ray task with one training worker's resources (a GPU when training
-    used GPUs) wherever the checkpoint storage can be read, not necessarily on the driver.
-    `record` adds to (or overrides) the run record's fields; `began` is when the run started.
+    used GPUs), or on a one-node CPU cluster in this process. `record` adds to (or overrides)
+    the run record's fields; `began` is when the run started.
     The checkpoint is also exported as results/<experiment>/models/<run>/ (export.py).
     """
     import ray
 
     run_dir = Path(run_dir)
     cfg = exp.train
-    task = ray.remote(_evaluate_checkpoint).options(
-        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
-    predictions, history = ray.get(task.remote(
-        checkpoint, str(Path(manifest).resolve()), cfg))
+    arguments = (checkpoint, str(Path(manifest).resolve()), cfg)
+    if not cfg.use_gpu and only_this_node():  # a Ray worker would start only to do this here
+        predictions, history = _evaluate_checkpoint(*arguments)
+    else:
+        task = ray.remote(_evaluate_checkpoint).options(
+            num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
+        predictions, history = ray.get(task.remote(*arguments))
     with checkpoint.as_directory() as directory:
         export.export_checkpoint(directory, exp.layout.models / run_dir.name,
                                  record.get("approach", "finetune"))
