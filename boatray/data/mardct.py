@@ -3,24 +3,8 @@
 Raw layout (folders, or the original zip archives extracted once into a cache): the training
 folder `sc5/` (found by its `DBinfo.txt`) with one folder per class, and the test folder
 `sc5-2013-Mar-Apr-Test-20130412/` (found by its `ground_truth.txt`, lines `FILE;Label`).
-
-Test labels are spelled differently from the training folders. Every test label is
-normalised by removing spaces and colons, and `Snapshot Acqua` means `Water`:
-`Vaporetto ACTV` -> VaporettoACTV, `Lancia: fino 10 m` -> Lanciafino10m,
-`Lancia: fino 10 m Bianca` -> Lanciafino10mBianca, `Raccolta rifiuti` -> Raccoltarifiuti.
-`Snapshot Barca Multipla`, `Snapshot Barca Parziale` and `Mototopo corto` normalise to no
-training class and are left out (counted).
-
-Protocols:
-
-- `full`: every training class folder that holds images (24 of the 25 that DBinfo.txt lists;
-  Lanciamaggioredi10m has 0 images), 4,774 images; a test image is kept when its normalised
-  label is a training class: 1,672 test images in 19 classes.
-- `lab16`: the same normalisation, then only the 16 classes of LAB16_CLASSES, in training and
-  test alike. From DBinfo.txt's per-class counts the 16 training classes hold
-  113+85+112+24+22+215+18+11+878+279+71+94+13+78+949+907 = 3,869 images; the test set keeps
-  1,324. Only `Lancia: fino 10 m` maps to Lanciafino10m; the `... Bianca`/`... Marrone`
-  variants are their own (non-lab16) classes.
+Test labels are spelled differently from the training folders (`normalise_label`); the
+protocols (`PROTOCOLS`) say which classes are kept.
 """
 
 from __future__ import annotations
@@ -33,6 +17,13 @@ from boatray.data.imagefiles import Exclusions, is_hidden, is_image_name, list_i
 from boatray.errors import BoatrayError
 
 PROTOCOLS = ("lab16", "full")
+"""`full`: every training class folder that holds images (24 of the 25 that DBinfo.txt lists;
+Lanciamaggioredi10m has 0 images), 4,774 images; a test image is kept when its normalised label
+is a training class: 1,672 test images in 19 classes. `lab16`: the same normalisation, then only
+the 16 LAB16_CLASSES, in training and test alike. From DBinfo.txt's per-class counts they hold
+113+85+112+24+22+215+18+11+878+279+71+94+13+78+949+907 = 3,869 training images; the test set
+keeps 1,324. Only `Lancia: fino 10 m` maps to Lanciafino10m; the `... Bianca`/`... Marrone`
+variants are their own (non-lab16) classes."""
 LAB16_CLASSES = (
     "Alilaguna", "Ambulanza", "Barchino", "Gondola", "Lanciafino10m", "Motobarca",
     "Motopontonerettangolare", "MotoscafoACTV", "Mototopo", "Patanella", "Polizia",
@@ -51,7 +42,12 @@ def check_protocol(protocol: str) -> None:
 
 
 def normalise_label(label: str) -> str:
-    """A ground_truth.txt label as a training folder name: no spaces or colons, aliases applied."""
+    """A ground_truth.txt label as a training folder name: no spaces or colons, aliases applied.
+
+    `Vaporetto ACTV` -> VaporettoACTV, `Lancia: fino 10 m` -> Lanciafino10m, `Raccolta rifiuti`
+    -> Raccoltarifiuti, `Snapshot Acqua` -> Water. `Snapshot Barca Multipla`, `Snapshot Barca
+    Parziale` and `Mototopo corto` name no training class and are left out (counted).
+    """
     name = re.sub(r"[\s:]", "", label)
     return LABEL_ALIASES.get(name, name)
 
