@@ -49,6 +49,9 @@ def test_the_svm_benchmark_prints_its_ratio_and_agreement():
     table = run.stdout.split("\npath ", 1)[1]
     assert "scikit-learn SVC(kernel='rbf')" in table and "boatray RbfSvm" in table
     assert "same predictions on 100.00% of 100 held-out rows" in run.stdout, run.stdout
+    ratios = [float(line.split(":")[1]) for line in run.stdout.splitlines()
+              if line.startswith("probe/svm time ratio:")]
+    assert len(ratios) == 3 and all(r > 0 for r in ratios), run.stdout
 
 
 def test_the_gpu_check_steps_are_commands_that_parse(monkeypatch, tmp_path):

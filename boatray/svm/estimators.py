@@ -139,7 +139,7 @@ class OneThreadLogisticRegression(LogisticRegression):
 
     Each lbfgs step is a few small matrix products (n x d by d x classes); with torch's and
     NumPy's thread pools both loaded, more threads only contend: one fit of 3,869 x 512
-    features took 12.3 s with 2 threads and 0.8 s with 1 on the loaded 2-core machine, with
+    features took 12.3 s with 2 threads and 0.8 s with 1 on 2 busy cores, with
     the same iterations and result.
     """
 
