@@ -105,10 +105,11 @@ def test_smoke_writes_every_approach_and_the_report(smoke_run):
                 if read_run(p)[1]["approach"] == "finetune"]
     assert {r["selected"] for r in selected} == {"best", "best_per_freeze"}
     assert {r["freeze"] for r in selected} == {"head", "last1"}
-    report = (results / "report" / "report.md").read_text()
     assert (results / "report" / "report.html").is_file()
-    for approach in ("svm", "baseline", "finetune"):
-        assert approach in report.lower()
+    headline = pd.read_csv(results / "report" / "tables" / "headline.csv")
+    assert set(headline["approach"]) == {"finetune", "svm", "probe", "baseline"}
+    assert headline["configuration"].is_unique and len(headline) == len(
+        {read_run(p)[1].get("config_id") or read_run(p)[1]["name"] for p in find_runs(results)})
 
 
 def test_smoke_console_is_quiet_and_ends_with_a_summary(smoke_run):
