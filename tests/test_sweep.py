@@ -212,9 +212,9 @@ def assert_complete_histories(results: Path, trials: int, epochs: int) -> pd.Dat
 
 
 def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
-    """The driver is SIGKILLed during the cache build, mid-trial, right after a trial finished,
-    during features and during the report; each time `--resume` carries on, and the finished
-    run equals an uninterrupted one (same config and seed on a CPU, same numbers)."""
+    """The driver is SIGKILLed while the pooled features are extracted, mid-trial, right after
+    a trial finished, during features and during the report; each time `--resume` carries on,
+    and the finished run equals an uninterrupted one (same config and seed, same numbers)."""
     results = tmp_path / "killed" / "smoke"
 
     def log_has(text):
@@ -223,7 +223,8 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
     def mid_trial():
         return any((results / Layout.TUNE).glob("*-all-*/checkpoint_*/meta.json"))
 
-    points = [("the cache build", lambda: log_has("[cache] freeze=head seed=0: computing")()),
+    points = [("the pooled features' extraction (the head cache's source)",
+               lambda: log_has("[cache] extracting the pooled features once")()),
               ("a finished trial", lambda: log_has(" done after ")()),
               ("a trial's first epoch", mid_trial),
               ("the features stage", lambda: log_has("[boatray] features + SVM: starting")()),
