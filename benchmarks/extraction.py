@@ -246,8 +246,8 @@ def explain_ray(name: str, result: dict, lab_rate: float) -> float | None:
     if not steady:
         print(f"{name}: one batch only, no steady state to measure (use more --images)")
         return None
-    fixed = result["wall"] - (stats["images"] - first) / steady
-    projected = LAB16_IMAGES / (fixed + (LAB16_IMAGES - first) / steady)
+    fixed = result["wall"] - stats["images"] / steady  # beyond the steady state's time
+    projected = LAB16_IMAGES / (fixed + LAB16_IMAGES / steady)
     print(f"{name}: local Ray start {result['ray_start']:.1f} s (not in the row); the first "
           f"batch ({first} images) came after {stats['startup_seconds']:.1f} s (actor start, "
           f"model shipping, compiling); steady state {steady:.2f} images/s (median batch, "
