@@ -155,7 +155,8 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
     info = _compute(exp, rows, stage, trunk, shape, folder, source)
     if storage.is_remote(where):  # the data files first, cache.json (completion) last
         storage.copy((folder / name, f"{where}/{name}") for name in FILES)
-    print(f"[cache] {run}: training from cached {stage} activations ({why}): computed "
+    made = "read from the features (their extraction included)" if source else "computed"
+    print(f"[cache] {run}: training from cached {stage} activations ({why}): {made}: "
           f"{sum(info['images'].values())} images in {info['seconds']:.1f} s "
           f"({info['bytes'] / 2**20:.1f} MiB): {where}", flush=True)
     return where
