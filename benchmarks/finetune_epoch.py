@@ -1,5 +1,5 @@
-"""One fine-tuning epoch: boatray's training loop, frozen-prefix cache on and off, against the
-lab's eager fp32 loop, for the freeze specs `head` and `last1`.
+"""One fine-tuning epoch: boatray's training loop, with no cache, the decoded-image cache and the
+frozen-prefix cache, against the lab's eager fp32 loop, for the freeze specs `head` and `last1`.
 
     python benchmarks/finetune_epoch.py [--images 32] [--valid 8] [--freeze head last1]
 
@@ -9,11 +9,13 @@ starting weights (a random-init state dict saved to a file):
 - lab: torchvision ResNet with every parameter frozen but the trainable stages, a Dataset
   with the lab's transform, DataLoader batch 8 (shuffled), Adam, fp32, eager, `model.train()`,
   then a validation pass, as the lab's per-epoch loop did;
-- boatray: `trainer.fit` (the Ray Train worker loop, the sweep's trial) with
-  `train.cache_prefix` true and false. By default in Ray Train's local mode
-  (`train.num_workers=0`: the same worker function in this process, no worker group), so the
-  row is the epoch and not the 30-55 s start-up of a worker group on this machine;
-  `--workers 1` runs a real worker group instead.
+- boatray: `trainer.fit` (the training loop, as a sweep's trial runs it) three ways: decoding
+  every JPEG in every epoch (`off`: `train.cache_decoded` and `train.cache_prefix` false), from
+  the node's decoded-image cache (`decoded`), and from the frozen-prefix cache (`prefix`). Each
+  run then times one pass over its training loader alone, as the loop builds it: the epoch's
+  data time (`data s`; not for `prefix`, whose loader reads activations). By default with
+  `train.num_workers=0` (the loop in this process), so the row is the epoch and not a Ray
+  worker's start-up; `--workers 1` trains in a Tune trial's process instead.
 
 Columns: training-loop images/s (the epoch's training pass; for boatray its own
 `images_per_second` metric) and its ratio to the lab loop; the epoch with validation; the whole
@@ -36,8 +38,10 @@ import torch
 
 from boatray import models
 from boatray.config import FREEZE_SPECS, from_dict
+from boatray.data.decoded import DecodedImages
 from boatray.data.manifest import read_manifest
-from boatray.finetune import prefix_cache, trainer
+from boatray.finetune import engine, prefix_cache, trainer
+from boatray.results import Layout
 from common import (
     SAMPLE,
     image_tree,
@@ -58,7 +62,9 @@ from common import (
 )
 
 TARGETS = {"head": 20.0, "last1": 2.0}
-"""Issue 7: an epoch with the cache at least 20x (head) and 2x (last1) faster than the lab's."""
+"""An epoch with the frozen-prefix cache at least 20x (head) and 2x (last1) the lab's."""
+CACHES = {"off": (False, False), "decoded": (False, True), "prefix": (True, True)}
+"""The cache modes: (train.cache_prefix, train.cache_decoded)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,11 +130,26 @@ def boatray_run(manifest: Path, settings: dict, use_ray: bool) -> dict:
         ray.shutdown()
     metrics = result.metrics
     built = [json.loads(info.read_text())["seconds"]
-             for info in Path(exp.storage_uri).glob(f"{prefix_cache.CACHE_DIR}/*/"
+             for info in Path(exp.storage_uri).glob(f"{Layout.CACHE}/*/"
                                                     f"{prefix_cache.INFO_FILE}")]
     return {"train images/s": metrics["images_per_second"], "epoch s": metrics["epoch_seconds"],
+            "data s": None if exp.train.cache_prefix else data_seconds(exp, manifest),
             "run s": seconds, "cache build s": sum(built) if built else None,
             "ray start s": ray_start}
+
+
+def data_seconds(exp, manifest: Path) -> float:
+    """One pass over a run's training loader alone (decoding, or reading the decoded cache the
+    run built), with the loader processes the loop gives it."""
+    frame, _ = read_manifest(manifest)
+    train_set, _, _ = engine.run_datasets(exp, frame, None)
+    workers = 0 if isinstance(train_set, DecodedImages) else exp.train.loader_workers
+    loader = engine.make_loader(train_set, engine.ShardSampler(len(train_set)),
+                                exp.train.batch_size, num_workers=workers)
+    started = time.perf_counter()
+    for _ in loader:
+        pass
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -150,17 +171,24 @@ def main() -> None:
                                args.size, args.lr, device.type, device=device)
         rows.append({"path": "lab loop (batch 8, fp32, eager)", "freeze": freeze, "cache": "-",
                      **lab, "train vs lab": 1.0, "run vs lab": 1.0, **memory})
-        for cache in (False, True):
-            settings = experiment(args, weights_file, freeze, cache, device, work / "storage")
-            run, memory = isolated(boatray_run, manifest, settings, cache or args.workers > 0,
+        for cache, (prefix, decoded) in CACHES.items():
+            settings = experiment(args, weights_file, freeze, prefix, decoded, device,
+                                  work / "storage")
+            run, memory = isolated(boatray_run, manifest, settings, prefix or args.workers > 0,
                                    device=device)
             rows.append({"path": f"boatray trainer.fit ({args.workers} workers)",
-                         "freeze": freeze, "cache": "on" if cache else "off", **run,
+                         "freeze": freeze, "cache": cache, **run,
                          "train vs lab": ratio(run["train images/s"], lab["train images/s"]),
                          "run vs lab": ratio(lab["run s"], run["run s"]), **memory})
     print_table(rows)
+    for freeze in args.freeze:
+        data = {row["cache"]: row["data s"] for row in rows
+                if row["freeze"] == freeze and row["cache"] in ("off", "decoded")}
+        print(f"data    : {freeze}: one epoch's data time {data['off']:.2f} s decoding every "
+              f"JPEG, {data['decoded']:.3f} s from the decoded-image cache: decoded cache "
+              f"speedup {ratio(data['off'], data['decoded']):.1f}")
     for row in rows:
-        if row["cache"] == "on" and row["freeze"] in TARGETS:
+        if row["cache"] == "prefix" and row["freeze"] in TARGETS:
             target = TARGETS[row["freeze"]]
             print(f"target  : {row['freeze']} epoch with the cache >= {target:.0f}x the lab's "
                   f"training loop: {row['train vs lab']:.1f}x "
@@ -169,18 +197,19 @@ def main() -> None:
     print_footer()
 
 
-def experiment(args: argparse.Namespace, weights_file: Path, freeze: str, cache: bool,
-               device: torch.device, storage: Path) -> dict:
+def experiment(args: argparse.Namespace, weights_file: Path, freeze: str, prefix: bool,
+               decoded: bool, device: torch.device, storage: Path) -> dict:
     """The experiment dict of one boatray run (config defaults for everything not set here);
     each run has its own results folder under `storage`, so no run reuses another's cache."""
-    settings = {"name": f"{freeze}-cache-{'on' if cache else 'off'}",
+    settings = {"name": f"{freeze}-prefix-{prefix}-decoded-{decoded}",
                 # a scratch folder per measured run: the benchmark leaves nothing behind
                 "storage_path": str(storage),
                 "features": {"use_gpu": device.type == "cuda"},
                 "model": {"name": args.model, "weights": str(weights_file)},
                 "data": {"image_size": list(args.size), "augment": False},
                 "train": {"epochs": args.epochs, "batch_size": args.batch_size,
-                          "freeze": freeze, "lr": args.lr, "cache_prefix": cache,
+                          "freeze": freeze, "lr": args.lr, "cache_prefix": prefix,
+                          "cache_decoded": decoded,
                           "num_workers": args.workers, "use_gpu": device.type == "cuda",
                           "max_failures": 0}}
     if args.loader_workers is not None:
