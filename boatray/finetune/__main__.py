@@ -25,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_module.add_arguments(parser)
     parser.add_argument("--baseline", action="store_true",
                         help="train the BetterCNN baseline (the config's baseline section)")
-    parser.add_argument("--name", help="run name (default: from model, freeze, lr, scheduler "
-                                       "and seed); an existing run of that name is resumed "
-                                       "from its last checkpoint")
+    parser.add_argument("--name", help="run name (default: the sweep's, e.g. "
+                                       "finetune-last1-lr1e-03-none-r0 or baseline-bettercnn-r0);"
+                                       " an existing run of that name is resumed from its last "
+                                       "checkpoint")
     return parser
 
 
