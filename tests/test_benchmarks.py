@@ -42,6 +42,7 @@ def test_every_benchmark_defaults_to_the_study_it_measures(name, monkeypatch):
         assert defaults["sample"].name == "mardct-sample"
 
 
+@pytest.mark.slow  # a benchmark run: about a minute
 def test_the_svm_benchmark_prints_its_ratio_and_agreement():
     run = subprocess.run([sys.executable, str(BENCHMARKS / "svm_fit.py"), "--train", "300",
                           "--test", "100", "--dim", "64", "--classes", "4"],
