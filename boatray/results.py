@@ -138,7 +138,7 @@ class RunRecord:
         a missing or mistyped field is a one-line BoatrayError."""
         if not isinstance(raw, dict):
             raise BoatrayError(f"{where}: not a JSON object")
-        names = {f.name for f in fields(cls)} - {"details"}
+        names = _RECORD_FIELDS
         missing = {"approach", "name", "wall_seconds"} - set(raw)
         if missing:
             raise BoatrayError(f"{where}: lacks {', '.join(sorted(missing))}")
@@ -155,17 +155,21 @@ class RunRecord:
         return {**{k: v for k, v in raw.items() if k != "details"}, **raw["details"]}
 
     def get(self, key: str, default: Any = None) -> Any:
-        """A field or a detail by its run.json key."""
-        return self.to_json().get(key, default)
+        """A field or a detail by its run.json key (no copy of the record)."""
+        if key in self.details:
+            return self.details[key]
+        return getattr(self, key) if key in _RECORD_FIELDS else default
 
     def __contains__(self, key: str) -> bool:
-        return key in self.to_json()
+        return key in self.details or key in _RECORD_FIELDS
 
     def __getitem__(self, key: str) -> Any:
-        raw = self.to_json()
-        if key not in raw:
+        if key not in self:
             raise KeyError(key)
-        return raw[key]
+        return self.get(key)
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(RunRecord)) - {"details"}
 
 
 _UMASK = os.umask(0o022)
