@@ -135,7 +135,7 @@ def plain_pipeline(manifest: Path, epochs: dict[tuple[str, float], int]) -> dict
     heads = {"svm": [make_pipeline(StandardScaler(), SVC(kernel="rbf", C=c, gamma=g))
                      for c in exp.svm.C for g in exp.svm.gamma],
              "probe": [make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
-                       for c in exp.svm.probe_C]}
+                       for c in exp.probe.C]}
     for head, grid in heads.items():
         scores = [f1_score(y["valid"], m.fit(x["train"], y["train"]).predict(x["valid"]),
                            average="macro", zero_division=0) for m in grid]

@@ -1,6 +1,6 @@
 """SVM fit time: boatray's RbfSvm (one float32 Gram matrix, libsvm on the precomputed kernel)
 against scikit-learn's SVC(kernel="rbf") with the same C and gamma, each fit in its own process;
-then the whole SVM and probe heads (heads.fit_head) on the study's feature widths.
+then the whole SVM and probe heads (FeatureHead.fit_on) on the study's feature widths.
 
     python benchmarks/svm_fit.py [--train 4000] [--dim 2048] [--head-dims 512 1280 2048]
 
@@ -22,10 +22,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from boatray.config import SvmConfig
+from boatray import approaches
+from boatray.approaches.svm import RbfSvm
+from boatray.config import Experiment
 from boatray.features import featurefile
-from boatray.svm import heads
-from boatray.svm.estimators import RbfSvm
 from common import isolated, print_footer, print_header, print_table, ratio
 
 NOISE = 2.5
@@ -116,18 +116,20 @@ def heads_shape(shape: int | Path, args: argparse.Namespace
 
 
 def time_heads(shapes: list[int | Path], args: argparse.Namespace) -> list[list[dict]]:
-    """Both heads as the sweep fits them (heads.fit_head: the default grid on valid, the final
-    fit and its refit), one after the other in this process: a table row each, per shape."""
-    cfg = SvmConfig()
+    """The SVM and probe heads as the sweep fits them (`FeatureHead.fit_on`: the default grid
+    on valid, the final fit and its refit), one after the other in this process: a table row
+    each, per shape."""
+    exp = Experiment()
     tables = []
     for shape in shapes:
         x, frame, classes, description = heads_shape(shape, args)
         tables.append([])
-        for head in heads.HEADS:
+        for head in (approaches.get("svm"), approaches.get("probe")):
+            cfg = head.settings(exp)
             start = time.perf_counter()
-            _, record, _ = heads.fit_head(head, x, frame, classes, cfg, args.seed)
+            _, record, _ = head.fit_on(x, frame, classes, cfg, args.seed)
             tables[-1].append({
-                "features": f"{description} {x.shape[0]} x {x.shape[1]}", "head": head,
+                "features": f"{description} {x.shape[0]} x {x.shape[1]}", "head": head.name,
                 "seconds": time.perf_counter() - start, "selected C": record["selected"]["C"],
                 f"valid {cfg.metric}": record["valid_score"]})
     return tables

@@ -101,6 +101,11 @@ class Capacity:
         return int(sum(shape.get("GPU", 0.0) for shape in self.nodes))
 
 
+def shown(resources: dict[str, float]) -> str:
+    """A resource request as people read it: `{CPU: 2, GPU: 1}` (zero amounts left out)."""
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items() if v) + "}"
+
+
 def _holds(shape: dict[str, float], request: dict[str, float]) -> bool:
     return all(shape.get(key, 0.0) >= amount for key, amount in request.items() if amount)
 

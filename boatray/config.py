@@ -154,16 +154,30 @@ class FeaturesConfig:
 
 
 @dataclass
-class SvmConfig:
-    """The classical heads fitted on the driver: RBF SVM and a logistic-regression probe."""
+class HeadConfig:
+    """What every classical head on the extracted features shares: whether it runs, how its
+    setting is chosen on the valid split, and what its final model is fitted on."""
+
+    enabled: bool = True
+    metric: str = option("macro_f1", choices=("macro_f1", "accuracy"))  # selection on valid
+    refit: str = option("train+valid", choices=("train", "train+valid"))
+
+
+@dataclass
+class SvmConfig(HeadConfig):
+    """The RBF SVM: C and gamma chosen on the valid split, calibrated probabilities."""
 
     C: list[float] = option([0.1, 1.0, 10.0, 100.0], above=0.0)
     gamma: list[float | str] = option(["scale"], above=0.0, words=("scale", "auto"))
     class_weight: str | None = option(None, choices=(None, "balanced"))
-    refit: str = option("train+valid", choices=("train", "train+valid"))
-    probe: bool = True
-    probe_C: list[float] = option([0.01, 0.1, 1.0], above=0.0)
-    metric: str = option("macro_f1", choices=("macro_f1", "accuracy"))  # selection on valid
+
+
+@dataclass
+class ProbeConfig(HeadConfig):
+    """The linear probe: a logistic regression on standardised features, C chosen on valid."""
+
+    C: list[float] = option([0.01, 0.1, 1.0], above=0.0)
+    class_weight: str | None = option(None, choices=(None, "balanced"))
 
 
 @dataclass
@@ -187,6 +201,7 @@ class Experiment:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     svm: SvmConfig = field(default_factory=SvmConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
@@ -226,6 +241,17 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as `section.key` -> value (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def preset_path(name: str) -> Path:

@@ -5,9 +5,9 @@ folder of images.
 [--out FILE]` writes one row per image: `path`, `split`, `class` (the predicted class name),
 `true_class` (the parent folder's class or the manifest's label; empty when unknown) and one
 probability column per class, named by the class. `--out` ending in .csv writes CSV, in
-.parquet Parquet. `--model` takes any exported model (results/<experiment>/models/<run>/,
-export.py): fine-tune, baseline, SVM or linear probe. Images go through the one pipeline
-(data/images.py) at the size the model was trained on.
+.parquet Parquet. `--model` takes the exported model of any approach
+(results/<experiment>/models/<run>/, boatray.approaches.load_model). Images go through the one
+pipeline (data/images.py) at the size the model was trained on.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from boatray import export, storage
+from boatray import approaches, export, storage
 from boatray.data import images
 from boatray.data.imagefiles import Exclusions, is_hidden, is_image_name, keep_intact
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError, cli
 from boatray.finetune.checkpoints import META_FILE, latest_checkpoint, load_model
-from boatray.finetune.engine import predict_logits
+from boatray.finetune.engine import device_for, predict_logits
 from boatray.results import (
     atomic_write,
     atomic_write_parquet,
@@ -40,13 +40,6 @@ from boatray.results import (
 
 FOLDER_SPLIT = "folder"
 """The `split` of images predicted from a folder (not part of a manifest)."""
-
-
-def device_for(use_gpu: bool) -> torch.device:
-    """cuda when asked for (and present), else the CPU."""
-    if use_gpu and not torch.cuda.is_available():
-        raise BoatrayError("a GPU was asked for but torch sees none")
-    return torch.device("cuda" if use_gpu else "cpu")
 
 
 @contextlib.contextmanager
@@ -111,7 +104,7 @@ def open_model(model: str | Path | None = None, checkpoint: str | Path | None = 
                ) -> export.Model:
     """An exported model folder (`model`), or the model of a checkpoint folder or URI."""
     if model is not None:
-        return export.load(model)
+        return approaches.load_model(model)
     with local_checkpoint(checkpoint) as directory:
         network, meta = load_model(directory)
     return export.Model({"classes": meta["classes"], "image_size": meta["image_size"]},
@@ -186,9 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict images with an exported boatray model (results/<experiment>/"
                     "models/<run>/) or a training checkpoint folder.")
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="exported model folder, e.g. results/<experiment>/"
-                                       "models/svm (any approach: fine-tune, baseline, SVM, "
-                                       "probe)")
+    model.add_argument("--model", help="exported model folder of any approach, e.g. "
+                                       "results/<experiment>/models/svm")
     model.add_argument("--checkpoint",
                        help="checkpoint folder (holds model.pt and meta.json), a run folder "
                             "(its latest checkpoint) or a storage URI (S3, GCS, ...)")

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from boatray import models
-from boatray.cluster import Capacity, cluster_capacity
+from boatray import approaches, models
+from boatray.cluster import Capacity, cluster_capacity, shown
 from boatray.config import Experiment
 from boatray.errors import BoatrayError
+from boatray.finetune.trainer import worker_resources
+from boatray.finetune.tuning import TRIAL_CPU
 
 
 @dataclass
@@ -66,20 +68,12 @@ def resolve_devices(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
     return dataclasses.replace(exp, **sections), lines
 
 
-TRIAL_SLIVER = 0.01  # the CPU a Tune trial that drives a Train run takes (tuning.trial_resources)
-
-
-def worker_resources(exp: Experiment) -> dict[str, float]:
-    """What one training worker asks for."""
-    return {"CPU": exp.train.cpus_per_worker, "GPU": 1.0 if exp.train.use_gpu else 0.0}
-
-
 def _worker_share(exp: Experiment) -> dict[str, float]:
     """One worker's resources plus its share of its trial's own: a one-worker trial trains in
     the trial's process; a trial over 2+ workers also holds a sliver of a CPU for itself."""
-    share = worker_resources(exp)
+    share = worker_resources(exp.train)
     if exp.train.num_workers >= 2 and not exp.sweep.trial_resource:
-        share["CPU"] += TRIAL_SLIVER / exp.train.num_workers
+        share["CPU"] += TRIAL_CPU / exp.train.num_workers
     return share
 
 
@@ -89,7 +83,7 @@ def requests(exp: Experiment) -> list[Request]:
     found = [Request("extraction actor", "features", "features.cpus_per_actor",
                      {"CPU": feats.cpus_per_actor, "GPU": 1.0 if feats.use_gpu else 0.0})]
     found.append(Request("training worker", "train", "train.cpus_per_worker",
-                         worker_resources(exp)))
+                         worker_resources(exp.train)))
     if exp.sweep.enabled and exp.sweep.trial_resource and exp.train.num_workers >= 2:
         found.append(Request("sweep trial", "sweep", "sweep.trial_resource",
                              {exp.sweep.trial_resource: 1.0}))
@@ -101,12 +95,12 @@ def check_resources(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
     concurrency at what the cluster can hold at once. Returns `exp` and what was changed."""
     for request in requests(exp):
         _check_one(request, capacity)
-    worker = worker_resources(exp)
+    worker = worker_resources(exp.train)
     workers = capacity.slots(_worker_share(exp))
     if workers < exp.train.num_workers:
         raise BoatrayError(
             f"train.num_workers={exp.train.num_workers}: the cluster holds at most "
-            f"{int(workers)} workers of {_shown(worker)} at once: "
+            f"{int(workers)} workers of {shown(worker)} at once: "
             f"--set train.num_workers={max(1, int(workers))}")
     if not exp.sweep.enabled:
         return exp, []
@@ -118,7 +112,7 @@ def check_resources(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
     sweep = dataclasses.replace(exp.sweep, max_concurrent_trials=held)
     return dataclasses.replace(exp, sweep=sweep), [
         f"sweep.max_concurrent_trials={wanted} -> {held}: the cluster holds {held} trial(s) of "
-        f"{exp.train.num_workers} x {_shown(worker)} at once"]
+        f"{exp.train.num_workers} x {shown(worker)} at once"]
 
 
 def _check_one(request: Request, capacity: Capacity) -> None:
@@ -140,71 +134,49 @@ def _check_one(request: Request, capacity: Capacity) -> None:
         f"--set {request.key}={most:g}")
 
 
-def _shown(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items() if v) + "}"
-
-
 def describe_capacity(capacity: Capacity) -> str:
     """One line: the live nodes and what the autoscaler can add."""
     cpus = sum(n.get("CPU", 0.0) for n in capacity.nodes)
     gpus = capacity.gpus_now()
-    added = ", ".join(f"{_shown(shape)} x {'any' if most < 0 else most}"
+    added = ", ".join(f"{shown(shape)} x {'any' if most < 0 else most}"
                       for shape, most in capacity.node_types) or "nothing"
     return (f"{len(capacity.nodes)} node(s) with {cpus:g} CPUs and {gpus} GPUs; "
             f"the autoscaler can add {added}")
 
 
 def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[str]:
-    """The dry run's plan: every stage, its work, what it asks for against what the cluster
-    offers, where the results land, and an estimated compute cost."""
+    """The dry run's plan: where the results land, the data, the cluster, then every enabled
+    approach's stage (the features first where an approach uses them), and the compute
+    estimate."""
     counts = manifest["split"].value_counts()
-    train_images = int(counts.get("train", 0))
     images = len(manifest)
-    classes = manifest["label"].nunique()
     lines = [f"results: {exp.results_dir if not exp.remote_storage else exp.storage_uri}",
-             f"data: {exp.data.source or 'SYNTHETIC (generated)'}: {classes} classes, "
+             f"data: {exp.data.source or 'SYNTHETIC (generated)'}: "
+             f"{manifest['label'].nunique()} classes, "
              + ", ".join(f"{split} {int(counts.get(split, 0))}" for split in
                          ("train", "valid", "test")) + " images",
              f"cluster: {describe_capacity(capacity)}"]
     flops = {}
-    network = models.build(exp.model.name, "none", classes, exp.model.pooling)
-    forward = models.forward_flops(network, exp.data.image_size)
-    worker = _shown(worker_resources(exp))
-    if exp.sweep.enabled:
-        trials = (len(exp.sweep.freeze) * len(exp.sweep.lr) * len(exp.sweep.scheduler)
-                  if exp.sweep.search == "grid" else exp.sweep.num_samples) * exp.sweep.repeats
-        epochs = trials * exp.train.epochs
-        flops["fine-tuning"] = 3 * forward * train_images * epochs
-        lines.append(
-            f"stage fine-tuning sweep: {trials} trials x {exp.train.epochs} epochs = {epochs} "
-            f"trial-epochs at most (ASHA stops some early), {exp.sweep.max_concurrent_trials} "
-            f"at a time, each {exp.train.num_workers} worker(s) x {worker}; "
-            f"{exp.model.name} at {_size(exp.data.image_size)}, weights {exp.model.weights}")
-    if exp.features.enabled:
-        flops["features"] = forward * images
-        grid = len(exp.svm.C) * len(exp.svm.gamma)
-        actor = _shown({"CPU": exp.features.cpus_per_actor,
-                        "GPU": 1.0 if exp.features.use_gpu else 0.0})
-        lines.append(f"stage features + SVM: {images} images through the trunk by actor(s) of "
-                     f"{actor}; SVM grid of {grid}" + (f", probe grid of {len(exp.svm.probe_C)}"
-                                                       if exp.svm.probe else ""))
-    if exp.baseline.enabled:
-        base = models.build("bettercnn", "none", classes)
-        flops["baseline"] = (3 * models.forward_flops(base, exp.baseline.image_size)
-                             * train_images * exp.baseline.epochs)
-        lines.append(f"stage BetterCNN baseline: {exp.baseline.epochs} epochs on {train_images} "
-                     f"images at {_size(exp.baseline.image_size)}, {exp.train.num_workers} "
-                     f"worker(s) x {worker}")
+    chosen = approaches.enabled(exp.to_dict())
+    if any(approach.uses_features for approach in chosen):
+        network = models.build(exp.model.name, "none", manifest["label"].nunique(),
+                               exp.model.pooling)
+        flops["features"] = models.forward_flops(network, exp.data.image_size) * images
+        actor = shown({"CPU": exp.features.cpus_per_actor,
+                       "GPU": 1.0 if exp.features.use_gpu else 0.0})
+        lines.append(f"stage features: {images} images through the {exp.model.name} trunk (up "
+                     f"to {exp.features.stage}) by actor(s) of {actor}")
+    for approach in chosen:
+        step = approach.plan(exp, manifest)
+        lines.append(step.line)
+        if step.flops:
+            flops[approach.stage] = step.flops
     lines.append("stage report: report.md and report.html")
     lines.append("compute estimate: " + ", ".join(
         f"{name} {_flops(value)}" for name, value in flops.items())
         + f"; total {_flops(sum(flops.values()))} (training counted as 3x the forward pass: "
           "an upper bound, frozen and cached stages cost less)")
     return lines
-
-
-def _size(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
 
 
 def _flops(value: float) -> str:

@@ -1,8 +1,8 @@
 """The block the sweep prints last: who won, by how much, at what cost, what failed, and what
 to do next (the report's file URL, a ready-to-run predict command).
 
-It reads what the report wrote (tables/headline.csv and tables/mcnemar.csv, so its figures
-are the report's) and the run folders (for the exported model of the winner).
+Its figures are the report's: it reads the tables the report was written from
+(`report.WrittenReport`), not their CSV copies.
 """
 
 from __future__ import annotations
@@ -15,34 +15,31 @@ import pandas as pd
 
 from boatray import export
 from boatray.errors import BoatrayError
-from boatray.report import tables
-from boatray.report.study import load_study
-from boatray.results import Layout
+from boatray.report import WrittenReport, tables
 
 METRICS = {"valid_macro_f1": ("macro_f1", "macro F1"), "valid_accuracy": ("accuracy", "accuracy"),
            "valid_loss": ("accuracy", "accuracy")}
 
 
-def closing_lines(results_dir: Path, report_html: Path | None, failures: list[str],
-                  logs: Path | None, sweep_metric: str = "valid_macro_f1") -> list[str]:
+def closing_lines(report: WrittenReport | None, failures: list[str], logs: Path | None,
+                  sweep_metric: str = "valid_macro_f1") -> list[str]:
     """The closing summary's lines (without a prefix)."""
     lines = []
-    if report_html is not None:
+    if report is not None:
         try:
-            lines += _outcome(results_dir, report_html.parent, sweep_metric)
-        except (BoatrayError, OSError, KeyError, ValueError) as exc:
+            lines += _outcome(report, sweep_metric)
+        except (BoatrayError, OSError) as exc:
             lines.append(f"no winner to name: {exc}")
-        lines.append(f"report: {report_html.resolve().as_uri()}")
+        lines.append(f"report: {report.html.resolve().as_uri()}")
     for failure in failures:
         lines.append(f"FAILED {failure}" + (f" (Ray's worker logs: {logs})" if logs else ""))
     return lines
 
 
-def _outcome(results_dir: Path, report_dir: Path, sweep_metric: str) -> list[str]:
+def _outcome(report: WrittenReport, sweep_metric: str) -> list[str]:
     column, name = METRICS.get(sweep_metric, METRICS["valid_macro_f1"])
-    headline = pd.read_csv(report_dir / "tables" / "headline.csv")
-    study = load_study(results_dir)
-    contenders = {c.label: c for c in tables.contenders(study)}
+    headline = report.headline
+    contenders = {c.label: c for c in tables.contenders(report.study)}
     ranked = headline[headline["configuration"].isin(contenders)].sort_values(
         column, ascending=False, kind="stable")
     if ranked.empty:
@@ -53,14 +50,15 @@ def _outcome(results_dir: Path, report_dir: Path, sweep_metric: str) -> list[str
         second = ranked.iloc[1]
         lines.append(f"margin: {best[column] - second[column]:+.3f} over "
                      f"{second['configuration']} ({_ci(second, column)})"
-                     + _mcnemar(report_dir, best["configuration"], second["configuration"]))
+                     + _mcnemar(report.significance, best["configuration"],
+                                second["configuration"]))
     timed = headline.dropna(subset=["train_seconds"])
     if len(timed):
         fast = timed.loc[timed["train_seconds"].idxmin()]
         lines.append(f"fastest: {fast['configuration']}, {fast['train_seconds']:.1f} s counting "
                      "everything it needed (feature extraction, frozen-prefix cache)")
     winner = contenders[best["configuration"]]
-    folder = Layout(Path(results_dir)).models / winner.runs[0].folder.name
+    folder = report.study.layout.models / winner.runs[0].folder.name
     if (folder / export.SPEC).is_file():
         images = os.path.commonpath([str(Path(p).parent) for p in winner.tests[0]["path"]])
         lines.append("predict with it: " + shlex.join([
@@ -73,12 +71,9 @@ def _ci(row: pd.Series, column: str) -> str:
     return f"{row[column]:.3f} (95% CI {row[column + '_lo']:.3f} to {row[column + '_hi']:.3f})"
 
 
-def _mcnemar(report_dir: Path, a: str, b: str) -> str:
-    path = report_dir / "tables" / "mcnemar.csv"
-    if not path.is_file():
-        return ""
-    pairs = pd.read_csv(path)
-    match = pairs[((pairs["a"] == a) & (pairs["b"] == b)) | ((pairs["a"] == b) & (pairs["b"] == a))]
+def _mcnemar(significance: pd.DataFrame, a: str, b: str) -> str:
+    match = significance[((significance["a"] == a) & (significance["b"] == b))
+                         | ((significance["a"] == b) & (significance["b"] == a))]
     if match.empty or pd.isna(match.iloc[0].get("p_value")):
         return ""
     return f"; McNemar p = {match.iloc[0]['p_value']:.3g}"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from boatray import (
-    baseline,
+    approaches,
     console,
     freezing,
     interrupt,
@@ -39,9 +39,7 @@ from boatray.config import Experiment
 from boatray.data.manifest import ensure_manifest, read_manifest
 from boatray.errors import BoatrayError, cli
 from boatray.features.pipeline import extract_experiment
-from boatray.finetune import stage as finetune_stage
 from boatray.results import atomic_write_text
-from boatray.svm.heads import fit_experiment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,50 +64,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_results_dir(exp: Experiment, resume: bool) -> None:
-    """Refuse to mix two experiments in one folder; on --resume, refuse a changed config.
+def refill_staging(exp: Experiment) -> None:
+    """With remote storage, empty the local staging folder (but the lock this process holds)
+    and fill it again from the storage. Only a run that holds the lock may do this."""
+    if not exp.remote_storage:
+        return
+    exp.results_dir.mkdir(parents=True, exist_ok=True)
+    for child in exp.results_dir.iterdir():
+        if child != exp.layout.lock:
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    storage.mirror_down(exp.results_dir, exp.storage_uri)
 
-    With remote storage the local staging folder is refilled from the storage first.
-    """
-    if exp.remote_storage:  # the staging folder is refilled; the lock this process holds stays
-        for child in exp.results_dir.iterdir():
-            if child != exp.layout.lock:
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-        storage.mirror_down(exp.results_dir, exp.storage_uri)
-    record = exp.layout.experiment
-    if not record.is_file():
+
+def check_results_dir(exp: Experiment, resume: bool) -> None:
+    """Refuse to mix two experiments in one folder; on --resume, refuse a changed config. The
+    config is read where the results are (the storage, for a remote storage_path)."""
+    record = (f"{exp.storage_uri}/{exp.layout.experiment.name}" if exp.remote_storage
+              else exp.layout.experiment)
+    if not storage.is_file(record):
         return
     if not resume:
-        raise BoatrayError(f"{exp.results_dir} already holds experiment {exp.name!r}: pass "
-                           f"--resume to finish it, or choose a new name with --set name=...")
-    before = _flatten(json.loads(record.read_text()))
-    now = _flatten(exp.to_dict())
+        raise BoatrayError(f"{results_location(exp)} already holds experiment {exp.name!r}: "
+                           f"pass --resume to finish it, or choose a new name with --set name=...")
+    before = config_module.flatten(json.loads(storage.read_bytes(record)))
+    now = config_module.flatten(exp.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         raise BoatrayError(f"--resume with a different config than {record} ({changed[0]}: "
                            f"{before.get(changed[0])!r} -> {now.get(changed[0])!r})")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def stage_features_svm(exp: Experiment, manifest: Path) -> None:
-    """Feature extraction (unless the sweep or an earlier run of this experiment did it), then
-    the SVM and the linear probe on the driver."""
-    features = exp.layout.features
-    if not features.is_file():
-        extract_experiment(exp, manifest, features)
-    fit_experiment(exp, features, exp.layout.runs)
+def stage_features(exp: Experiment, manifest: Path) -> None:
+    """Feature extraction for the approaches on features, unless the sweep or an earlier run
+    of this experiment did it."""
+    if not exp.layout.features.is_file():
+        extract_experiment(exp, manifest, exp.layout.features)
 
 
 def _cause(exc: Exception, exp: Experiment, title: str) -> str:
@@ -122,26 +114,42 @@ def _cause(exc: Exception, exp: Experiment, title: str) -> str:
     return f"{type(exc).__name__}: {first} (traceback: {log})"
 
 
-def stage_report(exp: Experiment) -> Path:
+def stage_report(exp: Experiment) -> report.WrittenReport:
     """report.md and report.html from every run folder there is."""
     return report.write_report(exp.results_dir)
 
 
+FEATURES_STAGE = "feature extraction"
+
+
+def stages(exp: Experiment, manifest: Path, resume: bool
+           ) -> list[tuple[str, bool, Callable[[], object]]]:
+    """(title, enabled, run) of every stage: each approach of the registry in its order, the
+    feature extraction before the first approach that uses features."""
+    config = exp.to_dict()
+    context = approaches.Context(exp, manifest, resume)
+    found: list[tuple[str, bool, Callable[[], object]]] = []
+    for approach in approaches.APPROACHES:
+        on = approach.enabled(config)
+        if approach.uses_features and on and all(t != FEATURES_STAGE for t, _, _ in found):
+            found.append((FEATURES_STAGE, True, lambda: stage_features(exp, manifest)))
+        found.append((approach.stage, on, lambda approach=approach: approach.fit(context)))
+    return found
+
+
 def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
     """Run every enabled stage; return their failures, one line each (the other stages still
-    run whatever the exception). A signal (`interrupt.Interrupted`) stops them all."""
-    stages: list[tuple[str, bool, Callable[[], object]]] = [
-        ("fine-tuning sweep", exp.sweep.enabled,
-         lambda: finetune_stage.run_stage(exp, manifest, resume)),
-        ("features + SVM", exp.features.enabled,
-         lambda: stage_features_svm(exp, manifest)),
-        ("BetterCNN baseline", exp.baseline.enabled,
-         lambda: baseline.run_stage(exp, manifest, resume)),
-    ]
+    run whatever the exception; an approach on features is skipped when their extraction
+    failed). A signal (`interrupt.Interrupted`) stops them all."""
     failures = []
-    for title, enabled, stage in stages:
+    features_failed = False
+    for title, enabled, stage in stages(exp, manifest, resume):
         if not enabled:
             print(f"[boatray] {title}: skipped (disabled in the config)", flush=True)
+            continue
+        if features_failed and approaches_on_features(title):
+            print(f"[boatray] {title}: skipped (no features: {FEATURES_STAGE} failed)",
+                  flush=True)
             continue
         started = time.monotonic()
         print(f"[boatray] {title}: starting", flush=True)
@@ -150,6 +158,7 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - one failed stage does not stop the others
             cause = _cause(exc, exp, title)
             failures.append(f"{title}: {cause}")
+            features_failed = features_failed or title == FEATURES_STAGE
             print(f"[boatray] {title}: FAILED: {cause}", flush=True)
             continue
         finally:
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = False) -> int:
     """The study in a results folder this process holds; 2 when a stage failed."""
+    refill_staging(exp)
     check_results_dir(exp, resume)
     started = time.monotonic()
     start_ray(address, log_to_driver=verbose,
@@ -207,10 +217,10 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
     finally:
         logs = console.keep_ray_logs(exp.results_dir)
     run_state.write_state(exp.results_dir, "finished", failures=failures)
-    report_path = None
+    written = None
     print("[boatray] report: writing", flush=True)
     try:
-        report_path = stage_report(run_exp)
+        written = stage_report(run_exp)
     except Exception as exc:  # noqa: BLE001 - a failed report loses nothing else
         failures.append(f"report: {_cause(exc, exp, 'report')}")
     storage.mirror_up(exp.results_dir, exp.storage_uri)
@@ -219,11 +229,15 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
     print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min"
           + (f", {len(failures)} failed (above; Ray's worker logs: {logs})" if failures else ""),
           flush=True)
-    for line in summary.closing_lines(exp.results_dir, report_path, [], logs,
-                                      exp.sweep.metric):
+    for line in summary.closing_lines(written, [], logs, exp.sweep.metric):
         print(f"[boatray] {line}", flush=True)
     print(f"[boatray] results: {results_location(exp)}", flush=True)
     return 2 if failures else 0
+
+
+def approaches_on_features(title: str) -> bool:
+    """Whether the stage called `title` is an approach fitted on the extracted features."""
+    return any(a.stage == title and a.uses_features for a in approaches.APPROACHES)
 
 
 def results_location(exp: Experiment) -> str:

@@ -54,7 +54,7 @@ def test_overrides_and_yaml_number_spellings(tmp_path):
     ("sweep.lr=[0.01, .inf]", "sweep.lr must be a finite number"),
     ("baseline.lr=0", "baseline.lr must be > 0.0"),
     ("svm.C=[1, 0]", "svm.C must be > 0.0"),
-    ("svm.probe_C=[-1]", "svm.probe_C must be > 0.0"),
+    ("probe.C=[-1]", "probe.C must be > 0.0"),
     ("name=", "name must be a string, got None"),
     ("name=''", "name must be a plain folder name"),
     ("name=../../x", "name must be a plain folder name"),

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from boatray import export, models, predict
-from boatray.config import SvmConfig, SyntheticConfig
+from boatray import approaches, export, models, predict
+from boatray.approaches import heads
+from boatray.config import Experiment, SyntheticConfig
 from boatray.data.synthetic import class_names, generate
 from boatray.errors import BoatrayError
 from boatray.finetune import checkpoints, engine
-from boatray.svm import heads
 
 CLASSES = class_names(4)
 SIZE = (24, 32)
@@ -38,7 +38,10 @@ def trunk_features(trunk: torch.nn.Module, paths: list[str]) -> np.ndarray:
     return outputs.flatten(1).numpy()
 
 
-@pytest.mark.parametrize("head", heads.HEADS)
+HEADS = [a for a in approaches.APPROACHES if a.uses_features]
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda head: head.name)
 def test_a_head_exported_as_arrays_predicts_like_the_fitted_model(head, images, tmp_path):
     torch.manual_seed(0)
     network = models.build("resnet18", "none", len(CLASSES), "avg")
@@ -48,16 +51,16 @@ def test_a_head_exported_as_arrays_predicts_like_the_fitted_model(head, images, 
     paths = sorted(str(p) for p in images.rglob("*.jpg"))
     labels = np.array([CLASSES.index(p.split("/")[-2]) for p in paths])
     x = trunk_features(trunk, paths)
-    cfg = SvmConfig(C=[1.0], gamma=["scale"], probe_C=[1.0])
-    fitted = heads.make_head(head, {"C": 1.0, "gamma": "scale"}, cfg, 0).fit(x, labels)
+    cfg = head.settings(Experiment())  # the defaults; the first setting of the grid
+    fitted = head.make(head.grid(cfg)[0], cfg, 0).fit(x, labels)
     info = {"classes": CLASSES, "image_size": list(SIZE), "stage": "pool",
             "model": {"name": "resnet18", "weights": "none", "pooling": "avg"}}
-    folder = export.export_head(head, fitted, info, features, tmp_path / "models" / head)
+    folder = head.export(fitted, info, features, tmp_path / "models" / head.name)
 
-    assert json.loads((folder / export.SPEC).read_text())["kind"] == "features+head"
-    np.load(folder / export.HEAD, allow_pickle=False)  # plain arrays: no pickle needed
+    assert json.loads((folder / export.SPEC).read_text())["approach"] == head.name
+    np.load(folder / heads.HEAD, allow_pickle=False)  # plain arrays: no pickle needed
     torch.load(folder / export.WEIGHTS, weights_only=True)
-    table, _ = predict.predict_folder(export.load(folder), images)
+    table, _ = predict.predict_folder(approaches.load_model(folder), images)
     expected = heads.full_proba(fitted, x, len(CLASSES))
     order = [paths.index(p) for p in table.path]
     np.testing.assert_allclose(table[[f"proba::{c}" for c in CLASSES]].to_numpy(),
@@ -91,4 +94,25 @@ def test_the_predict_cli_writes_class_names_as_csv_or_parquet(images, tmp_path, 
 
 def test_a_folder_that_is_no_exported_model_is_one_line(tmp_path):
     with pytest.raises(BoatrayError, match="not an exported boatray model"):
-        export.load(tmp_path)
+        approaches.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("missing", [heads.HEAD, export.WEIGHTS])
+def test_a_head_model_folder_missing_a_file_is_one_line_naming_it(missing, tmp_path, capsys):
+    folder = tmp_path / "svm"
+    folder.mkdir()
+    np.savez(folder / heads.HEAD, classes=np.arange(4))
+    torch.save({}, folder / export.WEIGHTS)
+    export.write_spec(folder, {"kind": "features+head", "approach": "svm", "classes": CLASSES,
+                               "image_size": list(SIZE), "stage": "pool",
+                               "model": {"name": "resnet18", "pooling": "avg"}})
+    (folder / missing).unlink()
+    assert predict.main(["--model", str(folder), "--images", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"lacks {missing}" in err, err
+
+
+def test_a_model_of_an_unknown_approach_is_one_line(tmp_path):
+    export.write_spec(tmp_path, {"kind": "network", "approach": "magic", "classes": CLASSES})
+    with pytest.raises(BoatrayError, match="approach 'magic', which this boatray does not know"):
+        approaches.load_model(tmp_path)

@@ -1,4 +1,5 @@
-"""features.py: Ray Data extraction equals a plain loop; failures reported; SVM on the features."""
+"""features/pipeline.py: Ray Data extraction equals a plain loop; failures reported; the heads
+on the features."""
 
 from __future__ import annotations
 
@@ -9,15 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from boatray import models
-from boatray.config import SvmConfig, SyntheticConfig
+from boatray import approaches, models
+from boatray.config import ProbeConfig, SvmConfig, SyntheticConfig
 from boatray.data import synthetic
 from boatray.data.images import decode_batch, normalize, to_chw
 from boatray.data.manifest import prepare, read_manifest
 from boatray.features import __main__ as features_cli
 from boatray.features import featurefile, pipeline
 from boatray.results import PROBA_PREFIX, read_run
-from boatray.svm import heads
 
 SIZE = (32, 96)
 
@@ -81,7 +81,9 @@ def test_an_image_that_fails_to_decode_is_reported(dataset, extracted, capsys):
 
 
 def test_svm_on_the_features_beats_chance_widely(dataset, extracted, tmp_path):
-    svm_dir, probe_dir = heads.run(extracted, tmp_path, SvmConfig(C=[1.0, 10.0], probe_C=[0.1]))
+    svm_dir = approaches.get("svm").fit_file(extracted, tmp_path / "svm", SvmConfig(C=[1.0, 10.0]))
+    probe_dir = approaches.get("probe").fit_file(extracted, tmp_path / "probe",
+                                                 ProbeConfig(C=[0.1]))
     for run_dir in (svm_dir, probe_dir):
         predictions, record = read_run(run_dir)
         test = predictions[predictions.split == "test"]

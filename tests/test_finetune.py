@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from boatray import baseline, freezing, models, predict
+from boatray import approaches, freezing, models, predict
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
@@ -62,16 +62,15 @@ def experiment(storage: Path, **train_settings) -> dict:
 def test_baseline_experiment_maps_the_baseline_section_onto_a_training_run(tmp_path):
     exp = from_dict(experiment(tmp_path, scheduler="plateau", class_weighted_loss=True,
                                freeze="last1", num_workers=3, seed=4))
-    base = baseline.baseline_experiment(exp)
+    base = approaches.get("baseline").training(exp)
     assert (base.model.name, base.model.weights) == ("bettercnn", "none")
     assert base.data.image_size == tuple(SMALL)
     assert (base.train.epochs, base.train.lr, base.train.batch_size) == (4, 2e-3, 8)
     assert (base.train.freeze, base.train.scheduler, base.train.class_weighted_loss) == (
         "all", "none", False)
     assert (base.train.num_workers, base.train.seed) == (3, 4)
-    assert finetune_run.default_run_name(base, "baseline") == "baseline-bettercnn-r4"
-    assert finetune_run.default_run_name(exp, "finetune") == (
-        "finetune-last1-lr1e-03-plateau-r4")
+    assert approaches.get("baseline").run_name(base) == "baseline-bettercnn-r4"
+    assert approaches.get("finetune").run_name(exp) == "finetune-last1-lr1e-03-plateau-r4"
 
 
 def test_finetune_cli_reports_bad_input_in_one_line(tmp_path, capsys):
@@ -226,7 +225,7 @@ def gradual_runs(ray_local, manifest, tmp_path_factory) -> dict:
     first_history = checkpoints.read_meta(first.checkpoint.path)["history"]
     settings["train"]["epochs"] = 4
     exp = from_dict(settings)
-    finetune_run.run(exp, manifest, run_dir)
+    finetune_run.run(exp, manifest, run_dir, {"approach": "finetune"})
     return {"exp": exp, "run_dir": run_dir, "first": first, "first_history": first_history}
 
 
@@ -296,7 +295,7 @@ def trial_runs(ray_local, manifest, tmp_path_factory) -> dict:
     first = trainer.fit(from_dict(settings), manifest, run_dir)
     first_meta = checkpoints.read_meta(first.checkpoint.path)
     settings["train"]["epochs"] = 2
-    finetune_run.run(from_dict(settings), manifest, run_dir)
+    finetune_run.run(from_dict(settings), manifest, run_dir, {"approach": "finetune"})
     return {"run_dir": run_dir, "first": first, "first_meta": first_meta}
 
 

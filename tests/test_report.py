@@ -231,7 +231,7 @@ def test_partial_results_dir_reports_what_is_there(tmp_path: Path) -> None:
     write_report(root, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## What is missing" in md and "## Fine-tuning sweep" not in md
-    for expected in ("no finetune run", "no probe run", "no trials.parquet",
+    for expected in ("no fine-tune run", "no linear probe on features run", "no trials.parquet",
                      "broken: left out, its files cannot be read",
                      "svm-seed1: left out of svm, its test images differ"):
         assert expected in md
@@ -296,8 +296,10 @@ def test_report_tells_the_truth_at_the_top(full_report: Path) -> None:
 def test_the_closing_summary_names_the_winner_and_the_report(full_report: Path) -> None:
     from boatray.summary import closing_lines
 
+    written = write_report(full_report)
     html = full_report / "report" / "report.html"
-    lines = closing_lines(full_report, html, ["features + SVM: no features"], Path("/logs"))
+    (html.parent / "tables" / "headline.csv").unlink()  # it reads the report's tables, not CSV
+    lines = closing_lines(written, ["features + SVM: no features"], Path("/logs"))
     text = "\n".join(lines)
     assert lines[0].startswith("winner: ") and "95% CI" in lines[0]
     assert "McNemar p = " in text and "fastest: " in text

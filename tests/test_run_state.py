@@ -14,10 +14,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from boatray import baseline, config, interrupt, run_state, sweep
+from boatray import approaches, config, interrupt, run_state, sweep
 from boatray.errors import BoatrayError
 from boatray.finetune import checkpoints
-from boatray.finetune import stage as finetune_stage
 from boatray.finetune import trials as sweep_trials
 from boatray.results import Layout
 
@@ -98,13 +97,15 @@ def test_a_failed_stage_of_any_kind_does_not_stop_the_others(tmp_path, monkeypat
     def broken(*args):
         raise KeyError("features")
 
-    monkeypatch.setattr(finetune_stage, "run_stage", lambda *a: ran.append("sweep"))
-    monkeypatch.setattr(sweep, "stage_features_svm", broken)
-    monkeypatch.setattr(baseline, "run_stage", lambda *a: ran.append("baseline"))
+    for approach in approaches.APPROACHES:
+        if not approach.uses_features:
+            monkeypatch.setattr(approach, "fit", lambda context, a=approach: ran.append(a.name))
+    monkeypatch.setattr(sweep, "stage_features", broken)
     failures = sweep.run_stages(exp, tmp_path / "manifest.parquet", resume=False)
-    assert ran == ["sweep", "baseline"]
-    assert len(failures) == 1 and failures[0].startswith("features + SVM: KeyError: 'features'")
-    log = exp.layout.logs / "features-svm.traceback.txt"
+    assert ran == ["finetune", "baseline"]  # the heads on features are skipped, not failed
+    assert len(failures) == 1
+    assert failures[0].startswith("feature extraction: KeyError: 'features'")
+    log = exp.layout.logs / "feature-extraction.traceback.txt"
     assert str(log) in failures[0] and "KeyError" in log.read_text()
 
 

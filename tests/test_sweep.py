@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from boatray import approaches
 from boatray.finetune import trials as sweep_trials
 from boatray.results import PROBA_PREFIX, Layout, find_runs, read_run
 
@@ -96,7 +97,7 @@ def test_smoke_trials_table_has_every_trial(smoke_run):
 def test_smoke_writes_every_approach_and_the_report(smoke_run):
     results, _ = smoke_run
     runs = {read_run(path)[1]["approach"]: read_run(path) for path in find_runs(results)}
-    assert set(runs) == {"finetune", "svm", "probe", "baseline"}
+    assert set(runs) == set(approaches.names())
     for predictions, run in runs.values():
         assert set(predictions["split"]) >= {"test"}
         assert [c for c in predictions.columns if c.startswith(PROBA_PREFIX)]
@@ -107,7 +108,7 @@ def test_smoke_writes_every_approach_and_the_report(smoke_run):
     assert {r["freeze"] for r in selected} == {"head", "last1"}
     assert (results / "report" / "report.html").is_file()
     headline = pd.read_csv(results / "report" / "tables" / "headline.csv")
-    assert set(headline["approach"]) == {"finetune", "svm", "probe", "baseline"}
+    assert list(dict.fromkeys(headline["approach"])) == list(approaches.names())
     assert headline["configuration"].is_unique and len(headline) == len(
         {read_run(p)[1].get("config_id") or read_run(p)[1]["name"] for p in find_runs(results)})
 
@@ -135,7 +136,7 @@ def test_smoke_report_says_the_data_are_synthetic(smoke_run):
 def test_every_approach_exports_a_model_that_predicts_a_folder(smoke_run, tmp_path):
     results, _ = smoke_run
     folders = {path.name: path for path in (results / "models").iterdir()}
-    assert {"svm", "probe"} <= set(folders)
+    assert {a.name for a in approaches.APPROACHES if a.uses_features} <= set(folders)
     assert any(name.startswith("baseline-bettercnn-r") for name in folders)
     images = results / "data" / "synthetic" / "test"
     for path in find_runs(results):
@@ -227,7 +228,7 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
                lambda: log_has("[cache] extracting the pooled features once")()),
               ("a finished trial", lambda: log_has(" done after ")()),
               ("a trial's first epoch", mid_trial),
-              ("the features stage", lambda: log_has("[boatray] features + SVM: starting")()),
+              ("the features stage", lambda: log_has("[boatray] feature extraction: starting")()),
               ("the report", lambda: log_has("[boatray] report: writing")())]
     finished_before = set()
     for number, (what, reached) in enumerate(points):
@@ -293,7 +294,7 @@ def test_sigint_stops_cleanly_and_resume_finishes(tmp_path):
     log = log_path.read_text()
     said = [line for line in log.splitlines() if "stopped by SIGINT" in line]
     assert len(said) == 1 and said[0].endswith("--resume")
-    assert "trials.parquet written" not in log and "[boatray] features + SVM" not in log
+    assert "trials.parquet written" not in log and "[boatray] feature extraction" not in log
     assert not (Layout(results).trials).exists() and not find_runs(results)
     assert json.loads((results / "run_state.json").read_text())["status"] == "interrupted"
     with contextlib.suppress(ProcessLookupError):

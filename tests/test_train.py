@@ -1,4 +1,5 @@
-"""train.py without Ray: epochs, freezing, evaluation, samplers, schedules, checkpoints, trainer."""
+"""The training engine without Ray (finetune/engine.py, freezing.py, checkpoints.py): epochs,
+freezing, evaluation, samplers, schedules, checkpoints, trainer."""
 
 from __future__ import annotations
 

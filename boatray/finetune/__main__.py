@@ -6,13 +6,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from boatray import approaches, console, preflight
 from boatray import config as config_module
-from boatray import console, preflight
-from boatray.baseline import baseline_experiment
 from boatray.cluster import start_ray
 from boatray.data.manifest import ensure_manifest
 from boatray.errors import cli
-from boatray.finetune.run import default_run_name, run
 from boatray.results import read_run
 
 
@@ -37,20 +35,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m boatray.finetune`."""
     args = build_parser().parse_args(argv)
     exp = config_module.from_arguments(args)
-    approach = "baseline" if args.baseline else "finetune"
+    approach = approaches.get("baseline" if args.baseline else "finetune")
     start_ray()
-    trained, _ = preflight.check(baseline_experiment(exp) if args.baseline else exp)
+    trained, _ = preflight.check(approach.training(exp))
     manifest = ensure_manifest(exp)
-    run_dir = exp.layout.run(args.name or default_run_name(trained, approach))
+    run_dir = exp.layout.run(args.name or approach.run_name(trained))
     print(f"results: {run_dir}", flush=True)
-    print(f"{approach}: training {trained.model.name}", flush=True)
-    run(trained, manifest, run_dir, approach)
+    print(f"{approach.name}: training {trained.model.name}", flush=True)
+    approach.train(trained, manifest, run_dir)
     _, record = read_run(run_dir)
     unit = f"{'cached activations' if record['trained_on'] != 'images' else 'images'}/s"
     for epoch in record["history"]:
-        print(f"{approach}: {console.epoch_text(epoch, trained.train.epochs, unit)}, "
+        print(f"{approach.name}: {console.epoch_text(epoch, trained.train.epochs, unit)}, "
               f"{epoch.get('epoch_seconds', 0):.1f} s", flush=True)
-    print(f"{approach}: wrote {run_dir}; model: "
+    print(f"{approach.name}: wrote {run_dir}; model: "
           f"{trained.layout.models / run_dir.name}", flush=True)
     print(f"results: {run_dir}", flush=True)
     return 0

@@ -30,6 +30,7 @@ from boatray import freezing
 from boatray.config import Experiment, TrainConfig
 from boatray.data import decoded, images
 from boatray.data.decoded import MappedSplit
+from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache
 from boatray.finetune.checkpoints import Scheduler
 
@@ -145,6 +146,15 @@ def to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> 
     if channels_last and batch.dim() == 4:
         return batch.contiguous(memory_format=torch.channels_last)
     return batch
+
+
+def device_for(use_gpu: bool) -> torch.device:
+    """The GPU when asked for (Ray gave this process one), else the CPU; a GPU asked for that
+    torch cannot see is one line, never a silent fall back to the CPU."""
+    if use_gpu and not torch.cuda.is_available():
+        raise BoatrayError("a GPU was asked for but torch sees none (check the driver, "
+                           "CUDA_VISIBLE_DEVICES, and that torch is a CUDA build)")
+    return torch.device("cuda" if use_gpu else "cpu")
 
 
 def _autocast(device: torch.device, amp: bool):

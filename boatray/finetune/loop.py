@@ -23,6 +23,7 @@ from boatray.finetune.engine import (
     ShardSampler,
     broadcast_buffers,
     class_weights,
+    device_for,
     evaluate,
     freeze_spec_at,
     make_loader,
@@ -133,11 +134,6 @@ def train_loop(config: dict, session: sessions.Session) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function (runs with 2+ workers): the loop on one DDP rank."""
     train_loop(config, sessions.WorkerSession())
-
-
-def device_for(use_gpu: bool) -> torch.device:
-    """The device of a run outside Ray Train: the GPU Ray gave the process, else the CPU."""
-    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
 def train_in_trial(config: dict, earlier: str | None = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from boatray import export, predict, results, storage
+from boatray import export, predict, storage
 from boatray.cluster import only_this_node
 from boatray.config import Experiment, TrainConfig
 from boatray.errors import BoatrayError
@@ -21,26 +21,16 @@ from boatray.finetune.trainer import fit
 from boatray.results import RunRecord, write_run
 
 
-def default_run_name(exp: Experiment, approach: str) -> str:
-    """The run folder name of a single run, in the sweep's scheme (results.run_name)."""
-    repeat = exp.train.seed - exp.seed
-    if approach == "baseline":
-        return results.run_name(results.BASELINE_CONFIG_ID, repeat)
-    return results.run_name(results.finetune_config_id(
-        exp.train.freeze, exp.train.lr, exp.train.scheduler), repeat)
-
-
-def run(exp: Experiment, manifest: str | Path, run_dir: str | Path,
-        approach: str = "finetune", record: dict | None = None) -> Path:
+def run(exp: Experiment, manifest: str | Path, run_dir: str | Path, record: dict) -> Path:
     """Train, predict valid and test with the final checkpoint, write the run folder; return it.
-    `record` adds to the run record's fields (e.g. a `config_id` that groups repeats)."""
+    `record`: the run record's `approach` and what else it adds (e.g. a `config_id` that
+    groups repeats)."""
     began = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     result = fit(exp, manifest, run_dir)
     if result.checkpoint is None:
         raise BoatrayError(f"training run {run_dir} saved no checkpoint")
-    return evaluate_and_write(exp, manifest, result.checkpoint, run_dir,
-                              {"approach": approach, **(record or {})}, began)
+    return evaluate_and_write(exp, manifest, result.checkpoint, run_dir, record, began)
 
 
 def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_dir: str | Path,
@@ -48,8 +38,9 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
     """Predict valid and test with a ray.train.Checkpoint; write the run folder; return it.
 
     Prediction runs as a Ray task with one training worker's resources (a GPU when training
-    used GPUs), or on a one-node CPU cluster in this process. `record` adds to (or overrides)
-    the run record's fields; `began` is when the run started.
+    used GPUs), or on a one-node CPU cluster in this process. `record`: the run record's
+    `approach` and what else it adds to (or overrides in) its fields; `began` is when the run
+    started.
     The checkpoint is also exported as results/<experiment>/models/<run>/ (export.py).
     """
     import ray
@@ -65,10 +56,10 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
         predictions, history = ray.get(task.remote(*arguments))
     with checkpoint.as_directory() as directory:
         export.export_checkpoint(directory, exp.layout.models / run_dir.name,
-                                 record.get("approach", "finetune"))
+                                 record["approach"])
         cache = read_meta(directory).get("prefix_cache")
     write_run(run_dir, predictions, RunRecord.from_json({
-        "approach": "finetune", "name": run_dir.name, "config": exp.to_dict(),
+        "name": run_dir.name, "config": exp.to_dict(),
         "model": exp.model.name, "freeze": cfg.freeze, "lr": cfg.lr,
         "scheduler": cfg.scheduler, "seed": cfg.seed,
         "wall_seconds": time.perf_counter() - began,

@@ -15,8 +15,9 @@ from boatray.finetune.run import evaluate_and_write
 from boatray.finetune.trainer import check_inputs
 
 
-def run_stage(exp: Experiment, manifest: Path, resume: bool) -> None:
-    """Fine-tuning sweep, its trials table, and test evaluation of the selected configurations."""
+def run_stage(exp: Experiment, manifest: Path, resume: bool, approach: str) -> None:
+    """Fine-tuning sweep, its trials table, and test evaluation of the selected configurations
+    (their run records say `approach`)."""
     check_inputs(exp, manifest)
     grid = tuning.run_sweep(exp, manifest, resume=resume)
     table = trials.trials_table(exp, grid)
@@ -26,11 +27,11 @@ def run_stage(exp: Experiment, manifest: Path, resume: bool) -> None:
           f"{written.name} written", flush=True)
     for choice in trials.select(table, exp.sweep.metric):
         for trial in choice["trials"]:
-            evaluate_trial(exp, manifest, choice, trial, table)
+            evaluate_trial(exp, manifest, choice, trial, table, approach)
 
 
 def evaluate_trial(exp: Experiment, manifest: Path, choice: dict, trial: dict,
-                   table: pd.DataFrame) -> None:
+                   table: pd.DataFrame, approach: str) -> None:
     """Predict valid and test with a selected trial's last checkpoint; write its run folder."""
     config_id = results.finetune_config_id(choice["freeze"], choice["lr"], choice["scheduler"])
     name = results.run_name(config_id, trial["repeat"])
@@ -42,7 +43,8 @@ def evaluate_trial(exp: Experiment, manifest: Path, choice: dict, trial: dict,
     evaluate_and_write(
         tuning.trial_experiment(exp, trial), manifest,
         trials.trial_checkpoint(exp, trial["checkpoint_path"]), run_dir,
-        {"selected": choice["selected"], "valid_score": choice["score"],
+        {"approach": approach, "selected": choice["selected"], "valid_score": choice["score"],
+         "search_space": {"lr": list(exp.sweep.lr)},
          "config_id": config_id, "trial_id": trial["trial_id"],
          "wall_seconds": wall}, time.perf_counter() - wall)
     print(f"[sweep] evaluated {name} ({choice['selected']}) on the test split", flush=True)

@@ -18,9 +18,8 @@ from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache, sessions
 from boatray.finetune.checkpoints import KEEP_CHECKPOINTS
-from boatray.finetune.engine import freeze_spec_at
+from boatray.finetune.engine import device_for, freeze_spec_at
 from boatray.finetune.loop import (
-    device_for,
     loop_config,
     train_in_trial,
     train_loop,
@@ -78,9 +77,10 @@ def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
 
 
-def single_worker_resources(cfg: TrainConfig) -> dict[str, float]:
-    """What a trial that trains in its own process asks Tune for: one worker's CPUs and GPU."""
-    return {"cpu": cfg.cpus_per_worker, "gpu": 1.0 if cfg.use_gpu else 0.0}
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one training worker asks for: its CPUs and GPU (Ray's resource names; Tune takes
+    them for a trial that trains in its own process)."""
+    return {"CPU": cfg.cpus_per_worker, "GPU": 1.0 if cfg.use_gpu else 0.0}
 
 
 @dataclass
@@ -139,7 +139,7 @@ def _fit_in_trial(exp: Experiment, config: dict, run_path: str) -> FitResult:
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_single_run_trial, loop=config,
                                                  earlier=earlier),
-                            single_worker_resources(exp.train)),
+                            worker_resources(exp.train)),
         tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0,

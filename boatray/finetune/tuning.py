@@ -24,7 +24,7 @@ from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache
 from boatray.finetune.checkpoints import KEEP_CHECKPOINTS
 from boatray.finetune.loop import loop_config, train_in_trial
-from boatray.finetune.trainer import make_trainer, single_worker_resources
+from boatray.finetune.trainer import make_trainer, worker_resources
 from boatray.finetune.trials import METRIC_MODES
 from boatray.results import Layout
 
@@ -41,6 +41,10 @@ def in_trial_process(exp: Experiment) -> bool:
     return exp.train.num_workers <= 1
 
 
+TRIAL_CPU = 0.01
+"""The CPU of a trial's own process while it drives a Train run (whose workers hold the rest)."""
+
+
 def trial_resources(exp: Experiment) -> dict[str, float]:
     """What a trial's own process asks for.
 
@@ -49,10 +53,10 @@ def trial_resources(exp: Experiment) -> dict[str, float]:
     unit per trial; otherwise a sliver of a CPU.
     """
     if in_trial_process(exp):
-        return single_worker_resources(exp.train)
+        return worker_resources(exp.train)
     if exp.sweep.trial_resource:
         return {exp.sweep.trial_resource: 1.0}
-    return {"cpu": 0.01}
+    return {"CPU": TRIAL_CPU}
 
 
 def run_trial(config: dict, experiment: Experiment, manifest: str, train_storage: str,

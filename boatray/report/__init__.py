@@ -11,18 +11,32 @@ sections with no data are listed under "What is missing"; a folder with no run i
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from boatray.errors import BoatrayError, cli
-from boatray.report import render, sections
-from boatray.report.study import load_study
+from boatray.report import render, sections, tables
+from boatray.report.study import LoadedResults, load_study
 
 DEFAULT_RESAMPLES = 1000
 
 
+@dataclass
+class WrittenReport:
+    """A written report: report.html, and what the closing summary reads from it (the results
+    it was made of, its headline and McNemar tables)."""
+
+    html: Path
+    study: LoadedResults
+    headline: pd.DataFrame
+    significance: pd.DataFrame
+
+
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
-                 resamples: int | None = None, seed: int | None = None) -> Path:
-    """Write the report of `results_dir`; returns the path of report.html.
+                 resamples: int | None = None, seed: int | None = None) -> WrittenReport:
+    """Write the report of `results_dir`.
 
     `resamples` and `seed` default to the config's `report.bootstrap` and `seed`.
     """
@@ -34,8 +48,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None,
     seed = seed if seed is not None else int(config.get("seed") or 0)
     name = config.get("name") or study.results_dir.resolve().name
     out = Path(out_dir) if out_dir is not None else study.results_dir / "report"
-    return render.write(out, f"boatray report: {name}",
-                        sections.build(study, int(resamples), seed))
+    headline = tables.headline(study, int(resamples), seed)
+    significance = tables.significance(study)
+    html = render.write(out, f"boatray report: {name}",
+                        sections.build(study, headline, significance, int(resamples), seed))
+    return WrittenReport(html, study, headline, significance)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +73,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Write the report and print where it is."""
     args = parser().parse_args(argv)
-    html = write_report(args.results_dir, args.out, args.bootstrap, args.seed)
+    html = write_report(args.results_dir, args.out, args.bootstrap, args.seed).html
     print(f"report: {html} (and report.md, figures/, tables/ beside it)")
     return 0

@@ -7,6 +7,7 @@ import re
 import pandas as pd
 import yaml
 
+from boatray import approaches
 from boatray.report import plots, tables
 from boatray.report.render import Code, Plot, Section, Table, format_frame
 from boatray.report.study import LoadedResults
@@ -20,10 +21,10 @@ FORMATS = {"train_seconds": "{:.1f}", "wall_seconds": "{:.1f}", "device_seconds"
            "only_b_right": "{:.0f}"}
 
 
-def build(study: LoadedResults, resamples: int, seed: int) -> list[Section]:
-    """Every section the data in `study` supports, then what is missing, config and environment."""
-    headline = tables.headline(study, resamples, seed)
-    significance = tables.significance(study)
+def build(study: LoadedResults, headline: pd.DataFrame, significance: pd.DataFrame,
+          resamples: int, seed: int) -> list[Section]:
+    """Every section the data in `study` supports, then what is missing, config and
+    environment (`headline`, `significance`: tables.headline and tables.significance of it)."""
     sections = [status_section(study),
                 synthetic_banner(study),
                 summary(study, headline, significance),
@@ -182,14 +183,16 @@ def repeats_section(study: LoadedResults) -> Section | None:
 
 
 def significance_section(study: LoadedResults, significance: pd.DataFrame) -> Section:
-    """McNemar's exact test between the best fine-tune, the SVM, the probe and the baseline."""
-    best, rule = tables.best_finetune(study)
+    """McNemar's exact test between every approach's configuration in the comparison."""
     blocks = [("McNemar's exact test looks only at the test images on which two approaches "
                "disagree (one right, the other wrong) and asks how likely so uneven a split "
-               "would be if both were equally accurate. Each configuration contributes the "
-               "predictions of its first seed.")]
-    if best is not None:
-        blocks.append(f"Fine-tune in this comparison: {best.label} ({rule}).")
+               "would be if both were equally accurate. Each approach takes part with one "
+               "configuration, and each configuration with the predictions of its first seed.")]
+    for approach in approaches.APPROACHES:
+        configurations = study.of(approach.name)
+        if len(configurations) > 1:
+            best, rule = tables.best_of(configurations)
+            blocks.append(f"{approach.title} in this comparison: {best.label} ({rule}).")
     if significance.empty:
         blocks.append("There is only one approach here, so there is nothing to compare.")
         return Section("Is the difference real? (McNemar)", blocks)
@@ -269,7 +272,8 @@ def missing_section(study: LoadedResults) -> Section | None:
     if study.trials is None:
         items.append(f"no {study.layout.trials.name}: no sweep table")
     no_history = [c.label for c in study.configurations
-                  if c.approach in ("finetune", "baseline") and not c.record.get("history")]
+                  if getattr(approaches.get(c.approach), "trains_network", False)
+                  and not c.record.get("history")]
     if no_history:
         items.append(f"no learning curve ({RUN_JSON} has no history): {', '.join(no_history)}")
     untimed = [c.label for c in study.configurations if "wall_seconds" not in c.record]

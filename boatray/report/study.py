@@ -17,11 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-from boatray import metrics
+from boatray import approaches, metrics
 from boatray.config import FREEZE_SPECS
 from boatray.errors import BoatrayError
 from boatray.results import (
-    APPROACHES,
     PREDICTIONS,
     RUN_JSON,
     Layout,
@@ -31,9 +30,6 @@ from boatray.results import (
     read_run,
 )
 from boatray.run_state import read_state
-
-APPROACH_NAMES = {"finetune": "fine-tune", "svm": "SVM (RBF) on features",
-                  "probe": "linear probe on features", "baseline": "BetterCNN from scratch"}
 
 
 @dataclass(eq=False)
@@ -76,7 +72,7 @@ class Configuration:
         return self.runs[0].approach
 
     @property
-    def record(self) -> dict[str, Any]:
+    def record(self) -> RunRecord:
         """The run record of the representative run (the first seed)."""
         return self.runs[0].record
 
@@ -118,8 +114,9 @@ class LoadedResults:
 
     @property
     def missing(self) -> list[str]:
-        """Known approaches with no run here."""
-        return [a for a in APPROACHES if not self.of(a)]
+        """The approaches the config runs that have no run here (their titles)."""
+        return [approach.title for approach in approaches.enabled(self.config)
+                if not self.of(approach.name)]
 
 
 def load_study(results_dir: str | Path) -> LoadedResults:
@@ -149,6 +146,10 @@ def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
     except BoatrayError as exc:  # a run record that fails validation
         notes.append(f"{where}: left out, {exc}")
         return None
+    if approaches.get(record.approach) is None:
+        notes.append(f"{where}: left out, its approach {record.approach!r} is not one this "
+                     f"boatray knows ({', '.join(approaches.names())})")
+        return None
     missing = {"split", "path", "y_true", "y_pred"} - set(predictions.columns)
     if missing:
         notes.append(f"{where}: left out, {PREDICTIONS} lacks {', '.join(sorted(missing))}")
@@ -169,24 +170,15 @@ def _read(folder: Path, root: Path, notes: list[str]) -> Run | None:
 
 def _order(run: Run) -> tuple:
     record = run.record
-    known = list(APPROACHES)
     freeze = record.get("freeze")
-    return (known.index(run.approach) if run.approach in known else len(known),
+    return (approaches.names().index(run.approach),
             record.get("selected") != "best",
             FREEZE_SPECS.index(freeze) if freeze in FREEZE_SPECS else len(FREEZE_SPECS),
             -float(record.get("lr") or 0.0), str(record.get("name")), str(run.seed))
 
 
 def _label(record: RunRecord) -> str:
-    approach = str(record.get("approach", "unknown"))
-    if approach == "finetune" and record.get("freeze"):
-        parts = [f"fine-tune {record['freeze']}"]
-        if record.get("lr") is not None:
-            parts.append(f"lr {float(record['lr']):g}")
-        if record.get("scheduler") not in (None, "none"):
-            parts.append(str(record["scheduler"]))
-        return ", ".join(parts) + (" (best)" if record.get("selected") == "best" else "")
-    return APPROACH_NAMES.get(approach, approach)
+    return approaches.get(record.approach).label(record)
 
 
 def _configurations(runs: list[Run], notes: list[str]) -> list[Configuration]:

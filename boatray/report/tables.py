@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from boatray import metrics
-from boatray.config import FREEZE_SPECS
+from boatray import approaches, metrics
+from boatray.config import FREEZE_SPECS, flatten
 from boatray.errors import BoatrayError
 from boatray.report.study import Configuration, LoadedResults
 from boatray.results import classes_of
@@ -40,7 +40,8 @@ def total_seconds(configuration: Configuration) -> float:
 
 def rate_counts(configuration: Configuration) -> str:
     """What `images_per_second` counts for this configuration."""
-    if configuration.approach in ("svm", "probe"):
+    approach = approaches.get(configuration.approach)
+    if approach is not None and approach.uses_features:
         return "images through the trunk (extraction)"
     if configuration.record.get("trained_on") == "cached activations":
         return "cached activations (training)"
@@ -130,29 +131,28 @@ def confusions(configurations: list[Configuration]) -> dict[str, pd.DataFrame]:
     return {c.label: metrics.confusion(c.tests[0]) for c in configurations}
 
 
-def best_finetune(study: LoadedResults) -> tuple[Configuration | None, str]:
-    """The fine-tune configuration the comparison uses, and how it was chosen (never by test)."""
-    candidates = study.of("finetune")
-    if not candidates:
+def best_of(configurations: list[Configuration]) -> tuple[Configuration | None, str]:
+    """The configuration of one approach that the comparison uses, and how it was chosen
+    (never by test): the one its selection marked best, the only one, or the best on valid."""
+    if not configurations:
         return None, ""
-    marked = [c for c in candidates if c.selected == "best"]
+    marked = [c for c in configurations if c.selected == "best"]
     if marked:
-        return marked[0], "the sweep selected it on the validation split"
-    if len(candidates) == 1:
-        return candidates[0], "it is the only fine-tuned configuration"
-    if all(not r.valid.empty for c in candidates for r in c.runs):
+        return marked[0], "its selection chose it on the validation split"
+    if len(configurations) == 1:
+        return configurations[0], "it is the approach's only configuration"
+    if all(not r.valid.empty for c in configurations for r in c.runs):
         valid = {c.label: np.mean([metrics.scores(r.valid)["macro_f1"] for r in c.runs])
-                 for c in candidates}
-        best = max(candidates, key=lambda c: valid[c.label])
-        return best, "it has the highest validation macro F1 of the fine-tuned runs"
-    return candidates[0], "no run is marked best and validation predictions are missing"
+                 for c in configurations}
+        best = max(configurations, key=lambda c: valid[c.label])
+        return best, "it has the highest validation macro F1 of the approach's configurations"
+    return configurations[0], "no run is marked best and validation predictions are missing"
 
 
 def contenders(study: LoadedResults) -> list[Configuration]:
-    """The best fine-tune and the first configuration of every other approach."""
-    best, _ = best_finetune(study)
-    others = [study.of(a)[0] for a in ("svm", "probe", "baseline") if study.of(a)]
-    return ([best] if best is not None else []) + others
+    """Each approach's configuration that the comparison uses (`best_of`), in registry order."""
+    chosen = (best_of(study.of(approach.name))[0] for approach in approaches.APPROACHES)
+    return [configuration for configuration in chosen if configuration is not None]
 
 
 def meaning(a: str, b: str, test: metrics.McNemar) -> str:
@@ -189,21 +189,27 @@ def significance(study: LoadedResults) -> pd.DataFrame:
 
 
 def edge_notes(study: LoadedResults) -> list[str]:
-    """A sentence for every selected hyperparameter that sits on the edge of its grid: the
-    best value may lie beyond the values tried."""
+    """A sentence for every chosen hyperparameter that sits on the edge of its grid: the best
+    value may lie beyond the values tried. Grids are a run record's `grid` rows with its
+    `selected` setting (the classical heads), or its `search_space` with the run's own value
+    (the fine-tunes' sweep: only for the configurations compared)."""
     notes = []
     for configuration in study.configurations:
         record = configuration.record
         grid = record.get("grid") or []
-        for key, chosen in (record.get("selected") or {}).items() if grid else ():
+        selected = record.get("selected")
+        for key, chosen in selected.items() if grid and isinstance(selected, dict) else ():
             values = sorted({row[key] for row in grid if isinstance(row.get(key), (int, float))})
             if len(values) > 1 and chosen in (values[0], values[-1]):
                 notes.append(_edge(configuration.label, key, chosen, values))
-    best, _ = best_finetune(study)
-    lrs = sorted({float(v) for v in (study.config.get("sweep") or {}).get("lr") or []})
-    if best is not None and len(lrs) > 1 and float(best.record.get("lr", -1)) in (lrs[0],
-                                                                                   lrs[-1]):
-        notes.append(_edge(best.label, "lr", float(best.record["lr"]), lrs))
+    for configuration in contenders(study):
+        record = configuration.record
+        for key, values in (record.get("search_space") or {}).items():
+            values = sorted({float(v) for v in values})
+            chosen = record.get(key)
+            if len(values) > 1 and isinstance(chosen, (int, float)) and float(chosen) in (
+                    values[0], values[-1]):
+                notes.append(_edge(configuration.label, key, float(chosen), values))
     return notes
 
 
@@ -318,12 +324,6 @@ def environment(study: LoadedResults) -> pd.DataFrame:
             .rename("runs").reset_index())
 
 
-def config_rows(config: dict[str, Any], prefix: str = "") -> pd.DataFrame:
+def config_rows(config: dict[str, Any]) -> pd.DataFrame:
     """A nested config flattened to `section.key` / value rows."""
-    rows = []
-    for key, value in config.items():
-        if isinstance(value, dict):
-            rows.extend(config_rows(value, f"{prefix}{key}.").to_dict("records"))
-        else:
-            rows.append({"key": f"{prefix}{key}", "value": value})
-    return pd.DataFrame(rows, columns=["key", "value"])
+    return pd.DataFrame(list(flatten(config).items()), columns=["key", "value"])

@@ -1,2 +1,2 @@
-"""The classical heads on extracted features: the estimators (estimators.py), their selection,
-fit and run folders (heads.py), and `python -m boatray.svm`."""
+"""`python -m boatray.svm`: the classical heads (boatray.approaches on features) on a features
+file."""

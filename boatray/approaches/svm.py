@@ -1,24 +1,28 @@
-"""scikit-learn estimators for extracted features: `RbfSvm` and the linear probe.
+"""The RBF SVM on the extracted features: C and gamma chosen on valid, calibrated probabilities.
 
 libsvm evaluates the RBF kernel element by element, tens of seconds per fit on 4,000 x 2,048
 features. `RbfSvm` computes the squared distances in ONE float32 matrix product, each gamma is
 an element-wise `exp` of them, and every C reuses that Gram matrix through
-`SVC(kernel="precomputed")`: the decision function of `SVC(kernel="rbf")`, in seconds.
+`SVC(kernel="precomputed")`: the decision function of `SVC(kernel="rbf")`, in seconds. The
+selection on valid reuses one distance matrix for the whole grid.
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
+
+from boatray.approaches.heads import FeatureHead, logistic_proba, score
+from boatray.config import SvmConfig
 
 
 def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -134,22 +138,67 @@ def out_of_fold_margins(gram: np.ndarray, y: np.ndarray, classes: np.ndarray, C:
     return margins
 
 
-class OneThreadLogisticRegression(LogisticRegression):
-    """scikit-learn's LogisticRegression (lbfgs), fitted on one BLAS/OpenMP thread.
+def svm_margins(scaled: np.ndarray, head: dict[str, np.ndarray]) -> np.ndarray:
+    """The one-vs-one decision values of an exported SVM (`Svm.arrays`), placed as
+    `RbfSvm.decision_function` places them (0 for a pair with a class the SVM never saw)."""
+    kernel = rbf_gram(squared_distances(scaled, head["support"]), float(head["gamma"]))
+    starts = np.concatenate([[0], np.cumsum(head["n_support"])])
+    pairs = {p: i for i, p in enumerate(itertools.combinations(
+        range(len(head["pair_classes"])), 2))}
+    seen = np.searchsorted(head["pair_classes"], head["svc_classes"])
+    out = np.zeros((len(scaled), len(pairs)))
+    for column, (i, j) in enumerate(itertools.combinations(range(len(seen)), 2)):
+        si, sj = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
+        out[:, pairs[(seen[i], seen[j])]] = (
+            kernel[:, si] @ head["dual_coef"][j - 1, si]
+            + kernel[:, sj] @ head["dual_coef"][i, sj] + head["svc_intercept"][column])
+    return out
 
-    Each lbfgs step is a few small matrix products (n x d by d x classes); with torch's and
-    NumPy's thread pools both loaded, more threads only contend: one fit of 3,869 x 512
-    features took 12.3 s with 2 threads and 0.8 s with 1 on 2 busy cores, with
-    the same iterations and result.
-    """
 
-    def fit(self, x, y, sample_weight=None):
-        with threadpool_limits(1):
-            return super().fit(x, y, sample_weight)
+class Svm(FeatureHead):
+    """The RBF SVM on the features (`svm` section)."""
 
+    name = "svm"
+    title = "SVM (RBF) on features"
+    stage = "SVM (RBF) on features"
+    section = "svm"
 
-def linear_probe(C: float, class_weight: str | None) -> object:
-    """StandardScaler + multinomial logistic regression: the linear probe."""
-    return make_pipeline(StandardScaler(),
-                         OneThreadLogisticRegression(C=C, class_weight=class_weight,
-                                                     max_iter=2000))
+    def grid(self, cfg: SvmConfig) -> list[dict[str, Any]]:
+        return [{"C": C, "gamma": gamma} for gamma in cfg.gamma for C in cfg.C]
+
+    def make(self, params: dict[str, Any], cfg: SvmConfig, seed: int) -> RbfSvm:
+        return RbfSvm(params["C"], params["gamma"], cfg.class_weight, True, seed)
+
+    def select(self, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray,
+               y_valid: np.ndarray, cfg: SvmConfig, seed: int
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One distance matrix for the grid, one `exp` per gamma, one libsvm fit per (gamma,
+        C); ties go to the earlier grid entry."""
+        scaler = StandardScaler().fit(x_train)
+        train = scaler.transform(x_train).astype(np.float32)
+        valid = scaler.transform(x_valid).astype(np.float32)
+        d_train, d_valid = squared_distances(train, train), squared_distances(valid, train)
+        table = []
+        for gamma in cfg.gamma:
+            value = gamma_value(gamma, train)
+            k_train, k_valid = rbf_gram(d_train, value), rbf_gram(d_valid, value)
+            for C in cfg.C:
+                svc = fit_svc(k_train, y_train, C, cfg.class_weight)
+                table.append({"C": C, "gamma": gamma, "gamma_value": value,
+                              "valid_score": score(cfg.metric, y_valid, svc.predict(k_valid))})
+        best = max(table, key=lambda row: row["valid_score"])  # first of equal scores
+        return {"C": best["C"], "gamma": best["gamma"]}, table
+
+    def arrays(self, estimator: RbfSvm) -> dict[str, np.ndarray]:
+        svc, calibrator = estimator.svc_, estimator.calibrator_
+        return {"mean": estimator.scaler_.mean_, "scale": estimator.scaler_.scale_,
+                "gamma": np.float64(estimator.gamma_),
+                "support": estimator.train_[svc.support_], "n_support": svc.n_support_,
+                "dual_coef": svc.dual_coef_, "svc_intercept": svc.intercept_,
+                "svc_classes": svc.classes_, "pair_classes": estimator.classes_,
+                "coef": calibrator.coef_, "intercept": calibrator.intercept_,
+                "classes": calibrator.classes_}
+
+    def proba(self, arrays: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        margins = svm_margins((x - arrays["mean"]) / arrays["scale"], arrays)
+        return logistic_proba(margins, arrays["coef"], arrays["intercept"])

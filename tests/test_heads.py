@@ -1,4 +1,5 @@
-"""svm.py: the precomputed-Gram fast path equals SVC(kernel='rbf'); selection, calibration, I/O."""
+"""The classical heads on features (approaches/heads.py, svm.py, probe.py): the SVM's
+precomputed-Gram fast path equals SVC(kernel='rbf'); selection, calibration, run folders, CLI."""
 
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from sklearn.metrics import log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from boatray.config import SvmConfig, from_dict
+from boatray import approaches, export
+from boatray.approaches import heads
+from boatray.approaches import svm as estimators
+from boatray.config import ProbeConfig, SvmConfig, from_dict
 from boatray.errors import BoatrayError
 from boatray.features import featurefile
 from boatray.results import PROBA_PREFIX, read_run
 from boatray.svm import __main__ as svm_cli
-from boatray.svm import estimators, heads
+
+SVM, PROBE = approaches.get("svm"), approaches.get("probe")
 
 CLASSES = ["alpha", "beta", "gamma", "delta"]
 
@@ -70,7 +76,7 @@ def test_probabilities_are_calibrated_and_cope_with_a_single_image_class():
 def write_features(path, x, y, splits):
     """A features file in the format boatray.features writes."""
     meta = {"classes": CLASSES, "shape": [x.shape[1]], "stage": "pool", "dtype": "float32",
-            "image_size": [32, 96], "model": {"name": "test"}}
+            "image_size": [32, 96], "model": {"name": "test", "pooling": "avg"}}
     batch = {"path": np.array([f"/img/{i}.jpg" for i in range(len(y))]), "label_idx": y,
              "split": np.array(splits), "error": np.array([""] * len(y)), "features": x}
     featurefile.write_features([batch], path, meta)
@@ -86,25 +92,26 @@ def features_file(tmp_path):
     return write_features(tmp_path / "features.parquet", x, y, splits)
 
 
-def test_run_writes_both_heads_in_the_common_format(tmp_path, features_file):
-    cfg = SvmConfig(C=[0.1, 1.0, 10.0], gamma=["scale", 0.001], probe_C=[0.1, 1.0])
-    runs = heads.run(features_file, tmp_path / "runs", cfg, seed=0)
-    assert [r.name for r in runs] == ["svm", "probe"]
-    for run_dir, approach in zip(runs, ("svm", "probe")):
-        predictions, record = read_run(run_dir)
-        assert list(predictions.columns) == ["path", "split", "y_true", "y_pred",
-                                             *[PROBA_PREFIX + c for c in CLASSES]]
-        assert predictions.split.value_counts().to_dict() == {"valid": 100, "test": 100}
-        assert (predictions.y_true == predictions.y_pred).mean() > 0.5  # chance: 0.4 at best
-        assert record["approach"] == approach and record["classes"] == CLASSES
-        assert record["extraction_seconds"] == 2.0 and record["images_per_second"] == 5.0
-        assert record["wall_seconds"] >= record["fit_seconds"] + 2.0
-        assert len(record["grid"]) == (6 if approach == "svm" else 2)
-    assert set(read_run(runs[0])[1]["selected"]) == {"C", "gamma"}
+@pytest.mark.parametrize("head, cfg, settings", [
+    (SVM, SvmConfig(C=[0.1, 1.0, 10.0], gamma=["scale", 0.001]), 6),
+    (PROBE, ProbeConfig(C=[0.1, 1.0]), 2)])
+def test_a_head_writes_its_run_folder_in_the_common_format(head, cfg, settings, tmp_path,
+                                                           features_file):
+    run_dir = head.fit_file(features_file, tmp_path / "runs" / head.name, cfg, seed=0)
+    predictions, record = read_run(run_dir)
+    assert list(predictions.columns) == ["path", "split", "y_true", "y_pred",
+                                         *[PROBA_PREFIX + c for c in CLASSES]]
+    assert predictions.split.value_counts().to_dict() == {"valid": 100, "test": 100}
+    assert (predictions.y_true == predictions.y_pred).mean() > 0.5  # chance: 0.4 at best
+    assert record["approach"] == head.name and record["classes"] == CLASSES
+    assert record["extraction_seconds"] == 2.0 and record["images_per_second"] == 5.0
+    assert record["wall_seconds"] >= record["fit_seconds"] + 2.0
+    assert len(record["grid"]) == settings
+    assert set(record["selected"]) == set(head.grid(cfg)[0])
 
 
 def test_refit_on_train_predicts_valid_and_test_with_one_model(tmp_path, features_file):
-    run_dir, = heads.run(features_file, tmp_path, SvmConfig(C=[1.0], refit="train", probe=False))
+    run_dir = SVM.fit_file(features_file, tmp_path / "svm", SvmConfig(C=[1.0], refit="train"))
     predictions, record = read_run(run_dir)
     assert record["refit"] == "train" and record["selected"] == {"C": 1.0, "gamma": "scale"}
     x, frame = featurefile.read_features(features_file)
@@ -125,19 +132,25 @@ def test_bad_settings_are_one_line_errors(tmp_path, features_file):
         from_dict({"svm": {"gamma": [0.1, -1]}})
     x, y = blobs(60)
     no_valid = write_features(tmp_path / "nv.parquet", x, y, ["train"] * 40 + ["test"] * 20)
-    with pytest.raises(BoatrayError, match="svm grid needs a valid split"):
-        heads.run(no_valid, tmp_path, SvmConfig(C=[1.0, 10.0]))
+    with pytest.raises(BoatrayError, match=r"grid \(svm\) needs a valid split"):
+        SVM.fit_file(no_valid, tmp_path / "svm", SvmConfig(C=[1.0, 10.0]))
     pq.write_table(pa.table({"a": [1]}), tmp_path / "plain.parquet")
     with pytest.raises(BoatrayError, match="not a boatray features file"):
-        heads.run(tmp_path / "plain.parquet", tmp_path, SvmConfig())
+        SVM.fit_file(tmp_path / "plain.parquet", tmp_path / "svm", SvmConfig())
 
 
-def test_cli_writes_the_run_folders(tmp_path, features_file, capsys):
-    code = svm_cli.main(["--features", str(features_file), "--out", str(tmp_path / "out"),
-                     "--set", "svm.C=[1.0]", "--set", "svm.probe=false"])
+def test_cli_writes_the_run_folders_and_the_models_under_out(tmp_path, features_file, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)  # models once went to ./results/<experiment>/models, not --out
+    torch.save({"weight": torch.zeros(2)}, export.trunk_path(features_file))
+    out = tmp_path / "out"
+    code = svm_cli.main(["--features", str(features_file), "--out", str(out),
+                         "--set", "svm.C=[1.0]", "--set", "probe.enabled=false"])
     assert code == 0 and "wrote" in capsys.readouterr().out
-    predictions = pd.read_parquet(tmp_path / "out" / "svm" / "predictions.parquet")
+    predictions = pd.read_parquet(out / "svm" / "predictions.parquet")
     assert len(predictions) == 200
+    assert (out / "models" / "svm" / export.SPEC).is_file()
+    assert not (out / "probe").exists() and not (tmp_path / "results").exists()
     assert svm_cli.main(["--features", str(tmp_path / "missing.parquet"), "--out", "x"]) == 2
 
 
@@ -145,11 +158,11 @@ def test_the_probe_chooses_the_c_and_scores_of_a_plain_logistic_regression():
     from sklearn.linear_model import LogisticRegression
 
     x, y = blobs(500, seed=2)
-    cfg = SvmConfig(probe_C=[0.001, 0.01, 0.1, 1.0], metric="macro_f1")
-    chosen, table = heads.select_probe(x[:350], y[:350], x[350:], y[350:], cfg)
+    cfg = ProbeConfig(C=[0.001, 0.01, 0.1, 1.0], metric="macro_f1")
+    chosen, table = PROBE.select(x[:350], y[:350], x[350:], y[350:], cfg, 0)
     plain = [heads.score("macro_f1", y[350:], make_pipeline(
         StandardScaler(), LogisticRegression(C=C, max_iter=2000)).fit(x[:350], y[:350])
-        .predict(x[350:])) for C in cfg.probe_C]
+        .predict(x[350:])) for C in cfg.C]
     assert [row["valid_score"] for row in table] == pytest.approx(plain)
-    assert chosen == {"C": cfg.probe_C[plain.index(max(plain))]}
+    assert chosen == {"C": cfg.C[plain.index(max(plain))]}
     assert len(set(plain)) > 1  # the choice is a real one
