@@ -181,6 +181,15 @@ class ProbeConfig(HeadConfig):
 
 
 @dataclass
+class KnnConfig(HeadConfig):
+    """k-NN on L2-normalised features: similarity-weighted votes of the k nearest training
+    images (weight exp(cosine similarity / temperature)), k chosen on valid."""
+
+    k: list[int] = option([1, 3, 5, 10, 20], min=1)
+    temperature: float = option(0.07, above=0.0)
+
+
+@dataclass
 class ReportConfig:
     """The comparison report."""
 
@@ -202,6 +211,7 @@ class Experiment:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     svm: SvmConfig = field(default_factory=SvmConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
     @property

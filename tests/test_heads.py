@@ -19,7 +19,7 @@ from sklearn.svm import SVC
 from boatray import approaches, export
 from boatray.approaches import heads
 from boatray.approaches import svm as estimators
-from boatray.config import ProbeConfig, SvmConfig, from_dict
+from boatray.config import KnnConfig, ProbeConfig, SvmConfig, from_dict
 from boatray.errors import BoatrayError
 from boatray.features import featurefile
 from boatray.results import PROBA_PREFIX, read_run
@@ -94,7 +94,8 @@ def features_file(tmp_path):
 
 @pytest.mark.parametrize("head, cfg, settings", [
     (SVM, SvmConfig(C=[0.1, 1.0, 10.0], gamma=["scale", 0.001]), 6),
-    (PROBE, ProbeConfig(C=[0.1, 1.0]), 2)])
+    (PROBE, ProbeConfig(C=[0.1, 1.0]), 2),
+    (approaches.get("knn"), KnnConfig(k=[1, 5, 15]), 3)])
 def test_a_head_writes_its_run_folder_in_the_common_format(head, cfg, settings, tmp_path,
                                                            features_file):
     run_dir = head.fit_file(features_file, tmp_path / "runs" / head.name, cfg, seed=0)
@@ -108,6 +109,7 @@ def test_a_head_writes_its_run_folder_in_the_common_format(head, cfg, settings, 
     assert record["wall_seconds"] >= record["fit_seconds"] + 2.0
     assert len(record["grid"]) == settings
     assert set(record["selected"]) == set(head.grid(cfg)[0])
+    assert record["own_label_agreement"] > 0.9
 
 
 def test_refit_on_train_predicts_valid_and_test_with_one_model(tmp_path, features_file):

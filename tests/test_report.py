@@ -81,6 +81,7 @@ RUNS = {  # folder: (run.json fields, skill)
                      "selected": "best_per_freeze"}, 0.70),
     "svm": ({"approach": "svm", "fit_seconds": 2.5, "extraction_seconds": 30.0}, 0.82),
     "probe": ({"approach": "probe", "fit_seconds": 1.0, "extraction_seconds": 30.0}, 0.75),
+    "knn": ({"approach": "knn", "fit_seconds": 0.5, "extraction_seconds": 30.0}, 0.72),
     "baseline": ({"approach": "baseline"}, 0.60),
 }
 
@@ -152,7 +153,8 @@ def test_report_renders_every_section(full_report: Path) -> None:
 
 def test_headline_numbers_come_from_the_runs(full_report: Path) -> None:
     headline = pd.read_csv(full_report / "report" / "tables" / "headline.csv")
-    assert list(headline["approach"]) == ["finetune", "finetune", "svm", "probe", "baseline"]
+    assert list(headline["approach"]) == ["finetune", "finetune", "svm", "probe", "knn",
+                                          "baseline"]
     best = headline.iloc[0]
     assert best["configuration"] == "fine-tune last2, lr 0.001 (best)" and best["seeds"] == 3
     seeds = [pd.read_parquet(full_report / f"finetune-best-seed{s}" / "predictions.parquet")
@@ -188,12 +190,12 @@ def test_per_class_table_uses_class_names(full_report: Path) -> None:
     assert (per_class.loc["Topa"].drop("support") == 0).all()
 
 
-def test_mcnemar_compares_best_finetune_svm_probe_baseline(full_report: Path) -> None:
+def test_mcnemar_compares_one_configuration_of_every_approach(full_report: Path) -> None:
     table = pd.read_csv(full_report / "report" / "tables" / "mcnemar.csv")
-    assert len(table) == 6
+    assert len(table) == 10
     assert set(table["a"]) | set(table["b"]) == {
         "fine-tune last2, lr 0.001 (best)", "SVM (RBF) on features",
-        "linear probe on features", "BetterCNN from scratch"}
+        "linear probe on features", "k-NN on features", "BetterCNN from scratch"}
     assert table["meaning"].str.contains("probability").all()
     md = (full_report / "report" / "report.md").read_text()
     assert all(sentence in md for sentence in table["meaning"])

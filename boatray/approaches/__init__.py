@@ -14,11 +14,12 @@ from boatray import export
 from boatray.approaches.base import Approach, Context, Plan
 from boatray.approaches.baseline import Baseline
 from boatray.approaches.finetune import Finetune
+from boatray.approaches.knn import Knn
 from boatray.approaches.probe import Probe
 from boatray.approaches.svm import Svm
 from boatray.errors import BoatrayError
 
-APPROACHES: tuple[Approach, ...] = (Finetune(), Svm(), Probe(), Baseline())
+APPROACHES: tuple[Approach, ...] = (Finetune(), Svm(), Probe(), Knn(), Baseline())
 
 __all__ = ["APPROACHES", "Approach", "Context", "Plan", "enabled", "get", "load_model", "names"]
 
