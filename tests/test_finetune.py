@@ -344,7 +344,7 @@ def test_tune_retries_a_killed_trial_from_its_last_checkpoint(ray_local, manifes
         result = tune.Tuner(
             tune.with_resources(tune.with_parameters(
                 crashing_trial, config=config, marker=str(tmp_path / "crashed")),
-                trainer.single_worker_resources(exp.train)),
+                trainer.worker_resources(exp.train)),
             run_config=tune.RunConfig(  # Tune wants an absolute path; tmp_path is one
                 name="retried", storage_path=str(tmp_path), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=exp.train.max_failures))).fit()[0]

@@ -107,7 +107,8 @@ def test_readme_real_data_recipe_and_lab6_dry_run_on_a_cpu_machine(mardct_sample
     assert f"[plan] results: {tmp_path / 'results' / 'lab6'}" in plan
     assert any(line.startswith(f"[plan] data: {prepared}: 16 classes, train ") for line in plan)
     assert "[boatray] train.use_gpu=auto: CPUs, as no node has or can get a GPU" in log
-    assert any(line.startswith("[plan] compute estimate: fine-tuning ") for line in plan)
+    assert any(line.startswith("[plan] compute estimate: ") and "fine-tuning sweep " in line
+               for line in plan)
     assert "can fulfill resource request" not in log and "Traceback" not in log
     # no internet here: the plan is printed, then the weights stop the run in one line
     assert done.returncode in (0, 2)
