@@ -77,7 +77,7 @@ def measure(exp: config.Experiment, paths: list[str]) -> dict[str, tuple[float, 
         run = dataclasses.replace(exp, train=dataclasses.replace(exp.train, freeze=spec))
         cut = prefix_cache.cached_stage(run)[0]
         if cut is not None and prefix_cache.estimated_speedup(
-                model, cut, size) < exp.train.cache_min_speedup:
+                run, cut, 16) < exp.train.cache_min_speedup:
             cut = None
         network = model if cut is None else models.suffix(model, cut)
         with torch.no_grad():

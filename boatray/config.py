@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from boatray import freezing, models, storage
+from boatray.backbones.weightfiles import looks_like_file
 from boatray.errors import BoatrayError
 from boatray.results import Layout
 from boatray.schema import build, option, set_dotted
@@ -25,7 +26,6 @@ FREEZE_SPECS = freezing.FREEZE_SPECS
 DEVICES = (False, True, "auto")  # use_gpu: CPUs, GPUs, or GPUs where the cluster has or adds them
 JOB_RESULTS_BASE = Path("~/boatray")
 """Where a Ray job's relative storage_path lands: its working directory is a temporary copy."""
-MODELS = models.names()
 
 
 @dataclass
@@ -53,9 +53,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The backbone: a registry name, its weights and the global pooling."""
+    """The backbone: a registry name or `timm/<a timm CNN>`, its weights and the global pooling.
+    The name is checked in `from_dict` (models.backbone)."""
 
-    name: str = option("resnet50", choices=MODELS)
+    name: str = "resnet50"
     weights: str = "IMAGENET1K_V1"
     pooling: str = option("avg", choices=("avg", "max"))
 
@@ -316,9 +317,8 @@ def absolute_path(text: str) -> Path:
 
 
 def _is_file_path(weights: str) -> bool:
-    """Whether model.weights names a file rather than `none` or a torchvision weights name."""
-    return ("/" in weights or weights.startswith("~") or weights.endswith((".pt", ".pth"))
-            or Path(weights).is_file())
+    """Whether model.weights names a file rather than `none` or a weights name."""
+    return looks_like_file(weights) or Path(weights).is_file()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -342,7 +342,7 @@ def from_arguments(args: argparse.Namespace, overrides: list[str] | None = None,
 def from_dict(raw: dict) -> Experiment:
     """Build and validate an Experiment from a nested dict."""
     exp = build(Experiment, raw, "")
-    cuts = models.cut_points(exp.model.name)
+    cuts = models.backbone(exp.model.name).cuts  # an unknown or uncuttable network stops here
     if exp.features.stage not in cuts:
         raise BoatrayError(f"features.stage must be one of {', '.join(cuts)} for "
                            f"{exp.model.name}; got {exp.features.stage!r}")

@@ -1,63 +1,32 @@
-"""Freeze specs, one meaning on every backbone: what trains and what stays frozen.
+"""Freeze specs on a network: what trains and what stays frozen, as its Backbone says.
 
 `head` trains the head only, `lastK` the last K stages and the head, `all` everything, and
 `gradual` is a schedule of these over the epochs (`spec_at`: the one place it is special).
-Frozen BatchNorm layers stay in eval mode (`train_mode`), and `param_groups` gives each stage
-its own (discriminative) learning rate.
+Which stages a spec trains on which backbone is `Backbone.trains`; here the network's
+parameters are set accordingly, frozen BatchNorm layers stay in eval mode (`train_mode`), and
+`param_groups` gives each stage its own (discriminative) learning rate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import nn
 
 from boatray import models
-from boatray.errors import BoatrayError
+from boatray.backbones.backbone import FREEZE_SPECS, GRADUAL
 
-FREEZE_SPECS = ("head", "last1", "last2", "last3", "last4", "all", "gradual")
-"""What trains: the head only, the last k stages + head, everything, or gradual unfreezing."""
-
-
-GRADUAL = FREEZE_SPECS[:-1]
-"""The phases of gradual unfreezing, head first."""
-
-
-def _trainable_stages(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """Stages that hold parameters, input to output (the head last), with their parameters."""
-    out = []
-    for stage, modules in models.stage_modules(model).items():
-        params = [p for m in modules for p in m.parameters()]
-        if params:
-            out.append((stage, params))
-    return out
-
-
-def _first_trainable(stages: Sequence[str], spec: str, what: str) -> int:
-    """Index into `stages` (input to output, head last) of the first stage `spec` trains."""
-    if spec not in GRADUAL:
-        raise BoatrayError(f"unknown freeze spec {spec!r}; choose one of "
-                           f"{', '.join(GRADUAL)} (or gradual, as a schedule)")
-    if spec == "all":
-        return 0
-    first = len(stages) - 1 - (0 if spec == "head" else int(spec.removeprefix("last")))
-    if first < 1:
-        raise BoatrayError(f"freeze {spec!r}: {what} has only {len(stages) - 1} stages "
-                           "before its head")
-    return first
+__all__ = ["FREEZE_SPECS", "GRADUAL", "describe", "freeze", "frozen_prefix", "gradual_schedule",
+           "param_groups", "spec_at", "stage_table", "train_mode", "trainable_names"]
 
 
 def freeze(model: nn.Module, spec: str) -> None:
     """Make what `spec` trains trainable and the rest not: `head` (the head only), `lastK`
     (the last K stages and the head), `all`. `gradual` is a schedule of these
-    (`gradual_schedule`). models.BetterCNN trains from scratch: only `all`."""
-    stages = _trainable_stages(model)
-    if isinstance(models.unwrap(model), models.BetterCNN) and spec != "all":
-        raise BoatrayError(f"bettercnn trains from scratch: freeze must be 'all', got {spec!r}")
-    first = _first_trainable([s for s, _ in stages], spec, type(models.unwrap(model)).__name__)
-    for index, (_, params) in enumerate(stages):
+    (`gradual_schedule`). A network trained from scratch (BetterCNN) takes only `all`."""
+    backbone = models.backbone_of(model)
+    trained = set(backbone.trains(spec))
+    for group, params in backbone.group_parameters(model):
         for param in params:
-            param.requires_grad_(index >= first)
+            param.requires_grad_(group in trained)
 
 
 def spec_at(spec: str, epoch: int, every: int) -> str:
@@ -76,31 +45,12 @@ def frozen_prefix(name: str, spec: str) -> str | None:
     """The last cut point of model `name` that `spec` leaves entirely frozen (None for
     `all`/`gradual`): its trunk computes the same activations every epoch when there is no
     random augmentation."""
-    if spec not in GRADUAL[:-1]:
-        return None
-    if spec == "head":
-        return "pool"
-    cuts = models.cut_points(name)
-    stages = (*cuts[:-1], "head")  # the stages that hold parameters (pool has none)
-    return cuts[_first_trainable(stages, spec, name) - 1]
+    return models.backbone(name).frozen_prefix(spec)
 
 
 def stage_table(name: str) -> list[dict[str, str]]:
     """What each freeze spec trains on model `name`: its stages and their module names."""
-    model = models.build(name, "none", 2)
-    where = {id(m): n for n, m in model.named_modules()}
-    stages = [s for s, _ in _trainable_stages(model)]
-    table = models.stage_modules(model)
-    rows = []
-    for spec in ("all",) if isinstance(model, models.BetterCNN) else GRADUAL:
-        try:
-            trained = stages[_first_trainable(stages, spec, name):]
-        except BoatrayError:  # a spec deeper than this backbone
-            continue
-        modules = [where[id(m)] for s in trained for m in table[s] if id(m) in where]
-        rows.append({"freeze": spec, "stages": " + ".join(trained),
-                     "modules": ", ".join(dict.fromkeys(modules))})
-    return rows
+    return models.backbone(name).stage_table()
 
 
 def train_mode(model: nn.Module) -> nn.Module:
@@ -121,9 +71,9 @@ def param_groups(model: nn.Module, lr: float, lr_decay: float = 1.0) -> list[dic
     The head gets `lr`, and each earlier stage `lr * lr_decay**k`, k stages before the head
     (discriminative learning rates; `lr_decay=1` gives every group `lr`).
     """
-    stages = _trainable_stages(model)
     groups = []
-    for k, (stage, params) in enumerate(reversed(stages)):
+    for k, (stage, params) in enumerate(reversed(models.backbone_of(model)
+                                                 .group_parameters(model))):
         trainable = [p for p in params if p.requires_grad]
         if trainable:
             groups.append({"params": trainable, "lr": lr * lr_decay ** k, "stage": stage})
@@ -136,7 +86,8 @@ def trainable_names(model: nn.Module) -> set[str]:
 
 
 def describe(name: str, weights: str) -> dict:
-    """The backbone as the report names it: model, weights and their source, and what each
-    freeze spec trains (`stage_table`)."""
-    return {"model": name, "weights": models.weights_source(name, weights),
-            "stages": stage_table(name)}
+    """The backbone as the report names it: model, weights and their source, its feature
+    width, and what each freeze spec trains (`stage_table`)."""
+    backbone = models.backbone(name)
+    return {"model": name, "weights": backbone.weights_source(weights),
+            "feature_width": backbone.feature_width, "stages": backbone.stage_table()}

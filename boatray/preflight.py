@@ -159,9 +159,8 @@ def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[st
     flops = {}
     chosen = approaches.enabled(exp.to_dict())
     if any(approach.uses_features for approach in chosen):
-        network = models.build(exp.model.name, "none", manifest["label"].nunique(),
-                               exp.model.pooling)
-        flops["features"] = models.forward_flops(network, exp.data.image_size) * images
+        flops["features"] = images * models.backbone(exp.model.name).flops(
+            exp.data.image_size, manifest["label"].nunique(), exp.model.pooling)
         actor = shown({"CPU": exp.features.cpus_per_actor,
                        "GPU": 1.0 if exp.features.use_gpu else 0.0})
         lines.append(f"stage features: {images} images through the {exp.model.name} trunk (up "

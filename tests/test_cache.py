@@ -118,10 +118,9 @@ def test_a_cache_that_would_not_fit_on_the_disk_is_not_computed(tmp_path, manife
 def test_a_cache_that_would_not_pay_is_not_computed(tmp_path, manifest, monkeypatch, capsys):
     """layer3 of resnet18 (freeze last2) saves about a quarter of an epoch's FLOPs: below the
     default train.cache_min_speedup; the prefix of last1 saves more than half."""
-    network = models.build("resnet18", "none", CLASSES)
     by_spec = {spec: prefix_cache.estimated_speedup(
-        network, freezing.frozen_prefix("resnet18", spec), SIZE)
-        for spec in ("head", "last1", "last2")}
+        from_dict(settings(tmp_path, freeze=spec)), freezing.frozen_prefix("resnet18", spec),
+        CLASSES) for spec in ("head", "last1", "last2")}
     assert by_spec["head"] > 1000 and by_spec["last1"] > 2 > by_spec["last2"] > 1.2
     monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("computed"))
     assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="last2")), manifest) is None

@@ -47,7 +47,7 @@ def test_the_packaged_weights_load_and_equal_the_package_model(lite0_extra):
     """Every key of the package's file lands in timm's model (head included at 1,000
     classes), and the outputs equal efficientnet-lite-pytorch's model with the same file."""
     reference_package = pytest.importorskip("efficientnet_lite_pytorch")
-    from boatray import lite0
+    from boatray.backbones import lite0
 
     ours = models.build("efficientnet_lite0", "IMAGENET", num_classes=1000).eval()
     reference = reference_package.EfficientNet.from_name("efficientnet-lite0")

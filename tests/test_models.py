@@ -117,7 +117,7 @@ def test_a_wrong_weights_file_is_a_one_line_error_naming_it(tmp_path, resnet18, 
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(BoatrayError, match="valid: none, IMAGENET1K_V1, .*state-dict file"):
+    with pytest.raises(BoatrayError, match="valid: none, IMAGENET1K_V1, .*weights file"):
         models.build("resnet50", "IMAGENET_V9")
     with pytest.raises(BoatrayError, match="unknown model 'vgg16'; choose one of bettercnn"):
         models.build("vgg16")

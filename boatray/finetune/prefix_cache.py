@@ -100,12 +100,14 @@ def prefix_model(exp: Experiment, num_classes: int) -> nn.Module:
         return models.build(exp.model.name, exp.model.weights, num_classes, exp.model.pooling)
 
 
-def estimated_speedup(network: nn.Module, stage: str, image_size: Sequence[int]) -> float:
-    """How much faster an epoch trains from `stage`'s cached activations, by FLOPs:
-    (prefix + 3 x suffix) / (3 x suffix), the suffix's backward counted as twice its forward.
-    Reading the cache is not counted."""
-    prefix = models.forward_flops(models.trunk(network, stage), image_size)
-    suffix = max(models.forward_flops(network, image_size) - prefix, 1)
+def estimated_speedup(exp: Experiment, stage: str, num_classes: int) -> float:
+    """How much faster an epoch of `exp` trains from `stage`'s cached activations, by FLOPs
+    (the Backbone's, no network built): (prefix + 3 x suffix) / (3 x suffix), the suffix's
+    backward counted as twice its forward. Reading the cache is not counted."""
+    backbone = models.backbone(exp.model.name)
+    shape = (exp.data.image_size, num_classes, exp.model.pooling)
+    prefix = backbone.flops(*shape, upto=stage)
+    suffix = max(backbone.flops(*shape) - prefix, 1)
     return (prefix + 3 * suffix) / (3 * suffix)
 
 
@@ -121,8 +123,7 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
         print(f"[cache] {run}: frozen-prefix cache not used: {why}", flush=True)
         return None
     frame, classes = read_manifest(manifest)
-    network = prefix_model(exp, len(classes))
-    speedup = estimated_speedup(network, stage, exp.data.image_size)
+    speedup = estimated_speedup(exp, stage, len(classes))
     if speedup < exp.train.cache_min_speedup:
         print(f"[cache] {run}: frozen-prefix cache not used: training from {stage}'s "
               f"activations would make an epoch about {speedup:.2f}x faster (by FLOPs), below "
@@ -139,7 +140,7 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
         return where
     from boatray.features.pipeline import output_shape
 
-    trunk = models.trunk(network, stage)
+    trunk = models.trunk(prefix_model(exp, len(classes)), stage)
     shape = output_shape(trunk, exp.data.image_size)
     folder = local_folder(where)
     needed = len(rows) * int(np.prod(shape)) * np.dtype(DTYPE).itemsize

