@@ -342,7 +342,9 @@ def from_arguments(args: argparse.Namespace, overrides: list[str] | None = None,
 def from_dict(raw: dict) -> Experiment:
     """Build and validate an Experiment from a nested dict."""
     exp = build(Experiment, raw, "")
-    cuts = models.backbone(exp.model.name).cuts  # an unknown or uncuttable network stops here
+    backbone = models.backbone(exp.model.name)  # an unknown or uncuttable network stops here
+    backbone.check_size(exp.data.image_size)
+    cuts = backbone.cuts
     if exp.features.stage not in cuts:
         raise BoatrayError(f"features.stage must be one of {', '.join(cuts)} for "
                            f"{exp.model.name}; got {exp.features.stage!r}")

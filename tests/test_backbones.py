@@ -240,13 +240,14 @@ def test_timm_pretrained_without_network_names_the_file_to_place(monkeypatch, tm
 @pytest.mark.parametrize("name, message", [
     ("timm/vit_tiny_patch16_224", "reduce the image by 16, 16, .* not 4, 8, 16 and 32"),
     ("timm/ghostnet_100", "classifier does not take what the module before it returned"),
+    ("timm/swin_tiny_patch4_window7_224", "cannot take 240x800 images .*e.g. .224, 224.$"),
     ("timm/no_such_net", "unknown timm model 'no_such_net' .not in timm.list_models"),
     ("timm/convnext_atto.no_such_tag", "unknown pretrained tag 'no_such_tag' .*d2_in1k"),
     ("vgg16", "unknown model 'vgg16'; choose one of bettercnn, .* or timm/"),
 ])
 def test_networks_boatray_cannot_cut_are_refused_at_the_door_in_one_line(name, message):
     """A ViT keeps one stride; GhostNet drops out functionally before its classifier (its
-    stages would not compose to the model in training)."""
+    stages would not compose to the model in training); a Swin takes one image size."""
     with pytest.raises(BoatrayError, match=message) as info:
         from_dict({"model": {"name": name, "weights": "none"}})
     assert "\n" not in str(info.value)

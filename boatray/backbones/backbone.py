@@ -41,6 +41,7 @@ class Backbone:
         self.name, self.entry = name, entry
         self.cuts = entry.cuts
         self._meta: dict[tuple[int, str], nn.Module] = {}
+        self._sizes: set[tuple[int, ...]] = set()
         model = self._meta_model(2, "avg")
         self.layout = entry.layout(model)
         self.stages = (*self.cuts, "head")
@@ -140,6 +141,22 @@ class Backbone:
         else:
             source = self.entry.weights.source(self.resolve(weights))
         return {"weights": weights, **source}
+
+    def check_size(self, image_size: Sequence[int]) -> None:
+        """That the network takes images of `image_size` (a transformer may take one size
+        only): one forward pass on the meta device, once per size and process."""
+        size = tuple(image_size)
+        if size in self._sizes:
+            return
+        try:
+            with torch.no_grad():
+                self._meta_model(2, "avg")(torch.zeros(1, 3, *size, device="meta"))
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BoatrayError(f"{self.name} cannot take {size[0]}x{size[1]} images ({reason}); "
+                               f"set data.image_size to a size it takes, e.g. "
+                               f"{list(self.entry.input_size)}") from None
+        self._sizes.add(size)
 
     def flops(self, image_size: Sequence[int], num_classes: int = 2, pooling: str = "avg",
               upto: str | None = None) -> int:

@@ -65,9 +65,11 @@ def _make(variant: str, num_classes: int, pooling: str, cfg: object) -> nn.Modul
     try:
         return timm().create_model(variant, pretrained=cfg is not None, num_classes=num_classes,
                                    global_pool=pooling, pretrained_cfg_overlay=overlay)
-    except TypeError as exc:  # an architecture that takes no global_pool argument
-        raise BoatrayError(f"timm model {variant} cannot be built with global_pool={pooling!r} "
-                           f"({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - timm's constructors assert, raise TypeError...
+        what = " and its pretrained weights" if cfg is not None else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BoatrayError(f"timm cannot build {variant} with global_pool={pooling!r}{what} "
+                           f"({reason})") from None
 
 
 def _resolve(name: str, cfg: object, weights: str) -> object:
