@@ -11,18 +11,20 @@ layers. What trains is boatray.freezing's, from the Backbone's answers.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
+import torch
 from torch import nn
 
-from boatray.backbones import bettercnn, lite0, resnets, timm_cnns
+from boatray.backbones import bettercnn, lite0, resnets, timm_cnns, weightfiles
 from boatray.backbones.backbone import TAG, Backbone, forward_flops, unwrap
 from boatray.backbones.bettercnn import BetterCNN
 from boatray.backbones.entry import STRIDE_CUTS, Entry
 from boatray.errors import BoatrayError
 
 __all__ = ["BetterCNN", "Backbone", "all_cut_points", "backbone", "backbone_of", "build",
-           "cut_points", "fetch_weights", "forward_flops", "names", "stage_modules", "suffix",
-           "trunk", "unwrap", "weights_source"]
+           "cut_points", "fetch_weights", "forward_flops", "load_state", "names", "stage_modules",
+           "suffix", "trunk", "unwrap", "weights_source"]
 
 _REGISTRY: dict[str, Entry] = {**resnets.entries(), lite0.NAME: lite0.ENTRY,
                                "bettercnn": bettercnn.ENTRY}
@@ -94,6 +96,13 @@ def suffix(model: nn.Module, after: str = "pool") -> nn.Sequential:
     """The rest of the network after `after`: `suffix(model, s)(trunk(model, s)(x)) ==
     model(x)`."""
     return backbone_of(model).suffix(model, after)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+               name: str = "the model") -> None:
+    """Load a state dict read from `path` into a network `build` made: strictly, its head only
+    where the shape fits; a mismatch is one line naming `path` (weightfiles.load_state)."""
+    weightfiles.load_state(model, state, backbone_of(model).head, path, name)
 
 
 def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:

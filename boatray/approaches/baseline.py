@@ -57,12 +57,12 @@ class Baseline(NetworkApproach):
         from boatray.finetune.trainer import worker_resources
 
         training = self.training(exp)
-        network = models.build("bettercnn", "none", manifest["label"].nunique())
+        backbone = models.backbone(training.model.name)
         train_images = int((manifest["split"] == "train").sum())
         height, width = training.data.image_size
         return Plan(
             f"stage {self.stage}: {training.train.epochs} epochs on {train_images} images at "
             f"{height}x{width}, {training.train.num_workers} worker(s) x "
             f"{cluster.shown(worker_resources(training.train))}",
-            3 * models.forward_flops(network, training.data.image_size) * train_images
-            * training.train.epochs)
+            3 * backbone.flops(training.data.image_size, manifest["label"].nunique())
+            * train_images * training.train.epochs)

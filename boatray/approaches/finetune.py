@@ -48,9 +48,8 @@ class Finetune(NetworkApproach):
 
         trials = trial_count(exp)
         epochs = trials * exp.train.epochs
-        network = models.build(exp.model.name, "none", manifest["label"].nunique(),
-                               exp.model.pooling)
-        forward = models.forward_flops(network, exp.data.image_size)
+        forward = models.backbone(exp.model.name).flops(
+            exp.data.image_size, manifest["label"].nunique(), exp.model.pooling)
         height, width = exp.data.image_size
         return Plan(
             f"stage {self.stage}: {trials} trials x {exp.train.epochs} epochs = {epochs} "
