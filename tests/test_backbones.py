@@ -105,6 +105,7 @@ def test_a_backbone_is_built_once_and_answers_without_building_a_network(monkeyp
     assert freezing.describe("resnet18", "none")["stages"][0]["modules"] == "fc"
     assert freezing.frozen_prefix("resnet18", "last2") == "layer2"
     assert backbone.flops(SIZE, upto="layer2") < backbone.flops(SIZE)
+    assert backbone.output_shape(SIZE, "layer3") == (256, 4, 6)
     backbone.check_weights(str(tmp_path / "weights.pth"))
     exp = from_dict({"model": {"name": "resnet18", "weights": "none"},
                      "data": {"image_size": list(SIZE)}, "train": {"freeze": "last1"}})

@@ -50,10 +50,7 @@ class Backbone:
                                f"points {', '.join(self.stages)}")
         self.head = self.layout["head"][-1]
         """The classifier: its shape follows the number of classes."""
-        with torch.no_grad():
-            features = self.trunk(model, "pool")(
-                torch.zeros(2, 3, *entry.input_size, device="meta"))
-        self.feature_width = int(features.shape[1])
+        self.feature_width = self.output_shape(entry.input_size, "pool")[0]
         self.groups = self._freeze_groups(model)
         """(group, its stages) of the stages with parameters, input to output, head last."""
         self.freeze_specs = ("all",) if entry.from_scratch else GRADUAL
@@ -157,6 +154,14 @@ class Backbone:
                                f"set data.image_size to a size it takes, e.g. "
                                f"{list(self.entry.input_size)}") from None
         self._sizes.add(size)
+
+    def output_shape(self, image_size: Sequence[int], upto: str, pooling: str = "avg"
+                     ) -> tuple[int, ...]:
+        """The shape of one image's activations at the cut point `upto` (meta device)."""
+        with torch.no_grad():
+            out = self.trunk(self._meta_model(2, pooling), upto)(
+                torch.zeros(1, 3, *image_size, device="meta"))
+        return tuple(int(n) for n in out.shape[1:])
 
     def flops(self, image_size: Sequence[int], num_classes: int = 2, pooling: str = "avg",
               upto: str | None = None) -> int:

@@ -104,10 +104,9 @@ def estimated_speedup(exp: Experiment, stage: str, num_classes: int) -> float:
     """How much faster an epoch of `exp` trains from `stage`'s cached activations, by FLOPs
     (the Backbone's, no network built): (prefix + 3 x suffix) / (3 x suffix), the suffix's
     backward counted as twice its forward. Reading the cache is not counted."""
-    backbone = models.backbone(exp.model.name)
-    shape = (exp.data.image_size, num_classes, exp.model.pooling)
-    prefix = backbone.flops(*shape, upto=stage)
-    suffix = max(backbone.flops(*shape) - prefix, 1)
+    backbone, size = models.backbone(exp.model.name), exp.data.image_size
+    prefix = backbone.flops(size, num_classes, exp.model.pooling, upto=stage)
+    suffix = max(backbone.flops(size, num_classes, exp.model.pooling) - prefix, 1)
     return (prefix + 3 * suffix) / (3 * suffix)
 
 
@@ -138,10 +137,8 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
         print(f"[cache] {run}: training from cached {stage} activations ({why}): {where}",
               flush=True)
         return where
-    from boatray.features.pipeline import output_shape
-
-    trunk = models.trunk(prefix_model(exp, len(classes)), stage)
-    shape = output_shape(trunk, exp.data.image_size)
+    shape = models.backbone(exp.model.name).output_shape(exp.data.image_size, stage,
+                                                         exp.model.pooling)
     folder = local_folder(where)
     needed = len(rows) * int(np.prod(shape)) * np.dtype(DTYPE).itemsize
     free = shutil.disk_usage(_existing(folder)).free
@@ -153,6 +150,7 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
     source = features if _same_trunk(exp, rows, stage, features) else None
     print(f"[cache] {run}: {'reading' if source else 'computing'} the {stage} activations of "
           f"{len(rows)} images{f' from {source}' if source else ''}", flush=True)
+    trunk = None if source else models.trunk(prefix_model(exp, len(classes)), stage)
     info = _compute(exp, rows, stage, trunk, shape, folder, source)
     if storage.is_remote(where):  # the data files first, cache.json (completion) last
         storage.copy((folder / name, f"{where}/{name}") for name in FILES)
@@ -194,11 +192,11 @@ def _batches_from(features: Path) -> tuple[list[dict[str, np.ndarray]], dict]:
     return [batch], {"from_features": str(features), "extraction_seconds": stats.get("seconds")}
 
 
-def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module,
+def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module | None,
              shape: tuple[int, ...], folder: Path, features: Path | None = None) -> dict:
     """Run `trunk`, the prefix up to `stage`, over `rows` with the features pipeline (or read
-    its activations from `features`) into `folder` (the cache, or its node-local copy); return
-    its cache.json record."""
+    its activations from `features`; `trunk` is then None) into `folder` (the cache, or its
+    node-local copy); return its cache.json record."""
     from boatray.features.pipeline import trunk_batches
 
     cfg = dataclasses.replace(exp.features, stage=stage, dtype=DTYPE)
