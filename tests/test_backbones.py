@@ -126,18 +126,18 @@ def test_timm_stages_reduce_by_their_stride_and_compose_to_the_model(timm_model)
     name, model = timm_model
     backbone = models.backbone(name)
     assert backbone.cuts == ("stem", "stride4", "stride8", "stride16", "stride32", "pool")
-    x = image_batch()
+    for stride in (4, 8, 16, 32):  # read on the meta device
+        assert backbone.output_shape(SIZE, f"stride{stride}")[-2:] == (
+            SIZE[0] // stride, SIZE[1] // stride), stride
+    x = image_batch()[:1]
     with torch.no_grad():
         expected = model(x)
-        for stride in (4, 8, 16, 32):
-            maps = models.trunk(model, f"stride{stride}")(x)
-            assert maps.shape[-2:] == (SIZE[0] // stride, SIZE[1] // stride), stride
         for cut in backbone.cuts:
             assert torch.allclose(models.suffix(model, cut)(models.trunk(model, cut)(x)),
                                   expected, atol=1e-5), cut
         pooled = model.forward_head(model.forward_features(x), pre_logits=True)
         assert torch.allclose(models.trunk(model, "pool")(x), pooled, atol=1e-6)
-    assert pooled.shape == (2, backbone.feature_width)
+    assert pooled.shape == (1, backbone.feature_width)
     assert models.trunk(model, "stride8")[-1] is model.get_submodule(
         backbone.layout["stride8"][-1])  # shares the model's modules
 
