@@ -237,7 +237,7 @@ class Experiment:
     def storage_uri(self) -> str:
         """results/<experiment>/ as Ray Tune and Train see it (shared storage on a cluster)."""
         if self.remote_storage:
-            return f"{self.storage_path.rstrip('/')}/{self.name}"
+            return storage.join(self.storage_path, self.name)
         return str(self.results_dir.resolve())
 
     def to_dict(self) -> dict:

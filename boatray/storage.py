@@ -4,21 +4,37 @@ The one module that tells a URI from a path. With a remote `storage_path`, Ray T
 write their state and checkpoints straight to the storage; what the driver writes goes to a
 local staging folder that `mirror_up` copies there after every stage and `mirror_down` copies
 back before a resume.
+
+A URI may carry pyarrow's options as a query (`s3://bucket/prefix?endpoint_override=...`):
+build locations with `join`, `parent` and `name`, which keep the query at the end, never by
+pasting strings. The S3 endpoint can also come from `AWS_ENDPOINT_URL`, as in every AWS tool.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qs
 
 from pyarrow import fs
 
+from boatray.errors import BoatrayError
+
 SEPARATOR = "://"
-STAY_REMOTE = ("tune", "train", "cache")
-"""Folders of results/<experiment>/ that only Ray and the caches use: never mirrored."""
+RAY_STATE = ("tune", "train", "cache")
+"""Folders of results/<experiment>/ that only Ray and the caches use."""
+WEIGHT_STORE = "tensors"
+"""The weight store's folder (weightstore.py): every process writes it straight to storage."""
+STAY_REMOTE = (*RAY_STATE, WEIGHT_STORE)
+"""Never mirrored: Ray's state, the caches and the weight store."""
 DATA_DIR = "data"
+ACCESS_PROBE = ".boatray-access-check"
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def is_remote(location: str | Path) -> bool:
@@ -33,6 +49,45 @@ def absolute(location: str, base: Path) -> str:
         return location
     path = base / Path(location).expanduser()
     return str(path.resolve() if path.is_absolute() else path)
+
+
+def _split_query(location: str) -> tuple[str, str]:
+    """(a location without its query, the query with its `?`, or "")."""
+    if not is_remote(location):
+        return location, ""
+    base, mark, query = location.partition("?")
+    return base, mark + query
+
+
+def join(location: str | Path, *parts: str) -> str:
+    """`location`/`parts`: a local path, or a URI with its query kept at the end."""
+    if not is_remote(location):
+        return str(Path(location, *parts))
+    base, query = _split_query(str(location))
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + query
+
+
+def parent(location: str | Path) -> str:
+    """The folder holding `location` (a local path or a URI, its query kept)."""
+    if not is_remote(location):
+        return str(Path(location).parent)
+    base, query = _split_query(str(location))
+    return base.rstrip("/").rsplit("/", 1)[0] + query
+
+
+def name(location: str | Path) -> str:
+    """The last part of a local path or URI (without the query)."""
+    return PurePosixPath(_split_query(str(location))[0]).name
+
+
+def endpoint(location: str | Path) -> str | None:
+    """The S3-compatible endpoint a URI goes to: its `endpoint_override`, else the
+    environment's `AWS_ENDPOINT_URL`; None for AWS itself and for local paths."""
+    if not str(location).startswith("s3://"):
+        return None
+    given = parse_qs(_split_query(str(location))[1].lstrip("?")).get("endpoint_override")
+    return given[0] if given else next(
+        (os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
 
 
 def staging_dir(name: str) -> Path:
@@ -53,7 +108,7 @@ def same_kind(like: str | Path, path: str) -> str:
     like = str(like)
     if not is_remote(like) or is_remote(path):
         return path
-    return f"{like.split(SEPARATOR, 1)[0]}{SEPARATOR}{path}"
+    return f"{like.split(SEPARATOR, 1)[0]}{SEPARATOR}{path}{_split_query(like)[1]}"
 
 
 def location_of(filesystem: fs.FileSystem, path: str) -> str:
@@ -85,6 +140,73 @@ def read_bytes(location: str | Path) -> bytes:
         return stream.read()
 
 
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a file at a local path or URI, creating its folder. Readers never see half of it:
+    a local file is renamed into place, an object store shows an upload once it is complete."""
+    filesystem, path = open_location(location)
+    folder = str(PurePosixPath(path).parent)
+    filesystem.create_dir(folder, recursive=True)
+    target = path if filesystem.type_name != "local" else (
+        f"{folder}/.{PurePosixPath(path).name}.{uuid.uuid4().hex}.tmp")
+    with filesystem.open_output_stream(target) as stream:
+        stream.write(data)
+    if target != path:
+        filesystem.move(target, path)
+
+
+def delete(location: str | Path) -> None:
+    """Delete a file at a local path or URI, if it is there."""
+    filesystem, path = open_location(location)
+    if filesystem.get_file_info(path).type == fs.FileType.File:
+        filesystem.delete_file(path)
+
+
+AWS_ERRORS = {"NETWORK_CONNECTION": "the endpoint does not answer",
+              "INVALID_ACCESS_KEY_ID": "the credentials are refused (unknown access key)",
+              "SIGNATURE_DOES_NOT_MATCH": "the credentials are refused (wrong secret key)",
+              "ACCESS_DENIED": "the credentials are refused (access denied)",
+              "NO_SUCH_BUCKET": "the bucket does not exist"}
+
+
+def _cause(exc: Exception) -> str:
+    """What went wrong with a storage, in a few words, from pyarrow's message."""
+    text = str(exc)
+    if re.search(r"Bucket '[^']+' not found", text):
+        return AWS_ERRORS["NO_SUCH_BUCKET"]
+    code = re.search(r"AWS Error (\w+)", text)
+    if code:
+        return AWS_ERRORS.get(code.group(1), code.group(1))
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_access(location: str | Path, write: bool = True) -> None:
+    """Make sure a storage URI can be used, or say why in one line (BoatrayError) before any
+    work starts: an endpoint that does not answer, refused credentials, a missing bucket or, to
+    read (`write` false), nothing there. To write, a small file is written, read back and
+    deleted. Nothing to check for a local path."""
+    if not is_remote(location):
+        return
+    probe = join(location, ACCESS_PROBE)
+    try:
+        if write:
+            write_bytes(probe, b"boatray")
+            read_bytes(probe)
+            delete(probe)
+        else:
+            filesystem, path = open_location(location)
+            found = filesystem.get_file_info(path).type != fs.FileType.NotFound
+    except (OSError, ValueError) as exc:
+        where = endpoint(location)
+        raise BoatrayError(
+            f"storage {_split_query(str(location))[0]} cannot be "
+            f"{'written' if write else 'read'}: {_cause(exc)}"
+            + (f" (endpoint {where})" if where else "")
+            + "; check the URI, the endpoint (AWS_ENDPOINT_URL or ?endpoint_override=) and "
+              "the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from None
+    if not write and not found:
+        raise BoatrayError(f"nothing at {_split_query(str(location))[0]}")
+
+
 def copy(pairs: Iterable[tuple[str | Path, str | Path]]) -> None:
     """Copy files, each (source, target) a local path or URI, creating target folders."""
     for source, target in pairs:
@@ -98,22 +220,24 @@ def local_copy(location: str | Path, folder: Path) -> Path:
     """A folder at a URI downloaded into `folder` (emptied first); a local path as it is."""
     if not is_remote(location):
         return Path(location)
+    check_access(location, write=False)
     shutil.rmtree(folder, ignore_errors=True)
     copy((source, folder / relative) for source, relative in files_under(location))
     return folder
 
 
-def _mirrored(relative: PurePosixPath) -> bool:
-    """Ray's folders and the caches stay on the storage; of data/, only its files."""
+def _mirrored(relative: PurePosixPath, stay: tuple[str, ...] = STAY_REMOTE) -> bool:
+    """Ray's folders, the caches and the weight store stay on the storage (`stay`); of data/,
+    only its files."""
     parts = relative.parts
-    return parts[0] not in STAY_REMOTE and not (parts[0] == DATA_DIR and len(parts) > 2)
+    return parts[0] not in stay and not (parts[0] == DATA_DIR and len(parts) > 2)
 
 
 def mirror_up(local: Path, remote: str) -> None:
     """Copy the staging folder's results to a remote storage (nothing for a local one)."""
     if not is_remote(remote) or not local.is_dir():
         return
-    copy((path, f"{remote}/{path.relative_to(local).as_posix()}")
+    copy((path, join(remote, path.relative_to(local).as_posix()))
          for path in sorted(local.rglob("*"))
          if path.is_file() and _mirrored(PurePosixPath(path.relative_to(local).as_posix())))
 
@@ -124,3 +248,27 @@ def mirror_down(local: Path, remote: str) -> None:
         return
     copy((source, local / relative) for source, relative in files_under(remote)
          if _mirrored(relative))
+
+
+def fetch(remote: str, local: Path, only: Iterable[str] | None = None) -> int:
+    """Download an experiment's results from a storage URI into `local`: everything a person
+    reads or predicts with (report, runs, models and the weight store they refer to, trials,
+    configs), not Ray's state or the caches, or only the files and folders named in `only`;
+    return the number of files."""
+    check_access(remote, write=False)
+    wanted = None if only is None else set(only)
+    pairs = [(source, local / relative) for source, relative in files_under(remote)
+             if _mirrored(relative, RAY_STATE) and relative.name != ACCESS_PROBE
+             and (wanted is None or relative.parts[0] in wanted)]
+    copy(pairs)
+    return len(pairs)
+
+
+def replace_folder(local: Path, remote: str) -> None:
+    """Make a folder at a URI hold exactly the files of a local folder."""
+    written = {path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file()}
+    stale = [source for source, relative in files_under(remote)
+             if relative.as_posix() not in written]
+    copy((local / relative, join(remote, relative)) for relative in sorted(written))
+    for source in stale:
+        delete(source)

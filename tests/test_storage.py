@@ -39,3 +39,33 @@ def test_local_storage_is_left_alone(tmp_path):
     storage.mirror_up(exp.results_dir, exp.storage_uri)
     storage.mirror_down(exp.results_dir, exp.storage_uri)
     assert not exp.results_dir.exists()
+
+
+def test_locations_keep_a_uris_query_at_the_end():
+    uri = "s3://bucket/prefix?endpoint_override=http://127.0.0.1:9000&region=us-east-1"
+    query = "?endpoint_override=http://127.0.0.1:9000&region=us-east-1"
+    assert storage.join(uri, "smoke", "tune/") == f"s3://bucket/prefix/smoke/tune{query}"
+    assert storage.parent(storage.join(uri, "smoke")) == uri
+    assert storage.name(storage.join(uri, "smoke")) == "smoke"
+    assert storage.same_kind(uri, "bucket/prefix/x") == f"s3://bucket/prefix/x{query}"
+    assert storage.endpoint(uri) == "http://127.0.0.1:9000"
+    assert storage.join("/results", "smoke") == "/results/smoke"
+    assert storage.parent("/results/smoke") == "/results"
+    assert storage.endpoint("/results") is None
+    exp = config.load(None, [f"storage_path={uri}"])
+    assert exp.storage_uri == f"s3://bucket/prefix/smoke{query}"
+
+
+def test_the_weight_store_and_ray_state_stay_remote_and_fetch_skips_only_ray_state(tmp_path):
+    remote = tmp_path / "bucket" / "exp"
+    for relative in ("report/report.html", "models/svm/weights.pt", "tensors/ab12",
+                     "tune/experiment_state.json", "cache/key/cache.json", "data/manifest.parquet",
+                     "data/synthetic/test/a.jpg"):
+        (remote / relative).parent.mkdir(parents=True, exist_ok=True)
+        (remote / relative).write_text("x")
+    staging, fetched = tmp_path / "staging", tmp_path / "fetched"
+    storage.mirror_down(staging, f"file://{remote}")
+    assert sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()) \
+        == ["data/manifest.parquet", "models/svm/weights.pt", "report/report.html"]
+    assert storage.fetch(f"file://{remote}", fetched) == 4
+    assert (fetched / "tensors" / "ab12").is_file() and not (fetched / "tune").exists()

@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -81,7 +81,7 @@ def cache_key(exp: Experiment, rows: pd.DataFrame, stage: str) -> str:
 
 def location(exp: Experiment, key: str) -> str:
     """Where the cache `key` of this experiment lives: a folder, or a storage URI."""
-    return f"{exp.storage_uri}/{Layout.CACHE}/{key}"
+    return storage.join(exp.storage_uri, Layout.CACHE, key)
 
 
 def local_folder(where: str) -> Path:
@@ -89,7 +89,7 @@ def local_folder(where: str) -> Path:
     node-local copy."""
     if not storage.is_remote(where):
         return Path(where)
-    return Path(tempfile.gettempdir()) / "boatray-cache" / PurePosixPath(where).name
+    return Path(tempfile.gettempdir()) / "boatray-cache" / storage.name(where)
 
 
 def prefix_model(exp: Experiment, num_classes: int) -> nn.Module:
@@ -133,7 +133,7 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
     rows = cached_rows(frame)
     key = cache_key(exp, rows, stage)
     where = location(exp, key)
-    if storage.is_file(f"{where}/{INFO_FILE}"):
+    if storage.is_file(storage.join(where, INFO_FILE)):
         print(f"[cache] {run}: training from cached {stage} activations ({why}): {where}",
               flush=True)
         return where
@@ -153,7 +153,7 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
     trunk = None if source else models.trunk(prefix_model(exp, len(classes)), stage)
     info = _compute(exp, rows, stage, trunk, shape, folder, source)
     if storage.is_remote(where):  # the data files first, cache.json (completion) last
-        storage.copy((folder / name, f"{where}/{name}") for name in FILES)
+        storage.copy((folder / name, storage.join(where, name)) for name in FILES)
     made = "read from the features (their extraction included)" if source else "computed"
     print(f"[cache] {run}: training from cached {stage} activations ({why}): {made}: "
           f"{sum(info['images'].values())} images in {info['seconds']:.1f} s "
@@ -258,7 +258,7 @@ def open_cache(where: str) -> tuple[Path, dict]:
         temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
         temporary.mkdir(parents=True)
         try:
-            storage.copy((f"{where}/{name}", temporary / name) for name in FILES)
+            storage.copy((storage.join(where, name), temporary / name) for name in FILES)
             _publish(temporary, folder)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -65,7 +65,7 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
         "wall_seconds": time.perf_counter() - began,
         "device_seconds": sum(h["epoch_seconds"] for h in history),
         "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
-        "checkpoint": storage.location_of(checkpoint.filesystem, checkpoint.path),
+        "checkpoint": storage.same_kind(exp.storage_uri, checkpoint.path),
         "history": history, **cache_cost(cache), **record}))
     return run_dir
 

@@ -25,6 +25,8 @@ from boatray.finetune.loop import (
     train_loop,
     train_loop_per_worker,
 )
+from boatray.storage import join, parent
+from boatray.storage import name as base_name
 
 CONTROLLER_FAILURE_LIMIT = 10
 """Tries to start a worker group (60 s each) before a run fails instead of waiting forever."""
@@ -115,9 +117,9 @@ def fit(exp: Experiment, manifest: str | Path, run_dir: str | Path) -> FitResult
     storage = str(run_dir.parent)
     if exp.remote_storage:
         relative = run_dir.parent.relative_to(exp.results_dir.resolve()).as_posix()
-        storage = f"{exp.storage_uri}/{relative}"
+        storage = join(exp.storage_uri, relative)
     if exp.train.num_workers == 1:
-        return _fit_in_trial(exp, config, f"{storage}/{run_dir.name}")
+        return _fit_in_trial(exp, config, join(storage, run_dir.name))
     trainer = make_trainer(exp, Path(manifest), run_dir.name, storage, cache=config["prefix_cache"])
     try:
         result = trainer.fit()
@@ -135,7 +137,7 @@ def _fit_in_trial(exp: Experiment, config: dict, run_path: str) -> FitResult:
     from ray.train import Checkpoint
 
     earlier = sessions.latest_checkpoint(run_path)
-    storage, name = run_path.rsplit("/", 1)
+    storage, name = parent(run_path), base_name(run_path)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_single_run_trial, loop=config,
                                                  earlier=earlier),

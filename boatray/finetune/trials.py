@@ -87,7 +87,7 @@ def _last_checkpoint_path(result: tune.Result) -> str | None:
 
 def _checkpoint_history(exp: Experiment, path: str) -> list[dict]:
     """The per-epoch metrics a checkpoint's meta.json records ([] when it cannot be read)."""
-    meta = f"{storage.same_kind(exp.storage_path, path)}/{META_FILE}"
+    meta = storage.join(storage.same_kind(exp.storage_path, path), META_FILE)
     try:
         return list(json.loads(storage.read_bytes(meta))["history"])
     except (OSError, ValueError, KeyError):

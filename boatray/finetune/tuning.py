@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from boatray import console, interrupt
+from boatray import console, interrupt, storage
 from boatray.config import Experiment
 from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache
@@ -170,7 +170,7 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
     """Run (or resume) the Tune sweep of fine-tuning trials and return its results; raise
     `interrupt.Interrupted` when a signal stopped it (its state is saved for --resume)."""
     root = exp.storage_uri
-    tune_path = f"{root}/{Layout.TUNE}"
+    tune_path = storage.join(root, Layout.TUNE)
     restore = tune.Tuner.can_restore(tune_path)
     if restore and not resume:
         raise BoatrayError(f"{tune_path} holds an earlier sweep: pass --resume to finish it, "
@@ -178,7 +178,7 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
     caches = sweep_caches(exp, manifest)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiment=exp, manifest=str(manifest),
-                             train_storage=f"{root}/{Layout.TRAIN}", caches=caches),
+                             train_storage=storage.join(root, Layout.TRAIN), caches=caches),
         trial_resources(exp))
     if restore:
         print(f"[sweep] resuming {tune_path}", flush=True)
