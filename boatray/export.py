@@ -1,17 +1,17 @@
 """Models you can use: the folder format of every approach's model, results/<exp>/models/<run>/.
 
-A model folder is self-contained and holds no pickle: `model.json` (the format, the approach
-that exported it, the classes, the image size, the network or trunk) and `weights.pt`, a plain
-state dict that loads with `torch.load(weights_only=True)`. A network (fine-tune, baseline)
-predicts by itself; an approach on features keeps the trunk its features came from and adds
-its head as arrays (approaches/heads.py). `Model` maps a batch of images to class
+A model folder holds no pickle: `model.json` (the format, the approach that exported it, the
+classes, the image size, the network or trunk) and `weights.pt`, a plain state dict that loads
+with `torch.load(weights_only=True)` (what trained; `weights.refs.json` names the frozen
+tensors kept once in the results folder's weight store, weightstore.py). A network (fine-tune,
+baseline) predicts by itself; an approach on features keeps the trunk its features came from
+and adds its head as arrays (approaches/heads.py). `Model` maps a batch of images to class
 probabilities; the approach named in model.json rebuilds it (`boatray.approaches.load_model`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from boatray import models
+from boatray import models, weightstore
 from boatray.errors import BoatrayError
 from boatray.finetune.checkpoints import MODEL_FILE, read_meta
-from boatray.results import atomic_write, atomic_write_text
+from boatray.results import atomic_write_text
 
 SPEC = "model.json"
 WEIGHTS = "weights.pt"
@@ -36,8 +36,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, approach:
     """A training checkpoint folder (model.pt + meta.json) as the model folder of `approach`."""
     meta = read_meta(checkpoint_dir)
     out_dir = Path(out_dir)
-    atomic_write(out_dir / WEIGHTS,
-                 lambda tmp: shutil.copyfile(Path(checkpoint_dir) / MODEL_FILE, tmp))
+    weightstore.copy(Path(checkpoint_dir) / MODEL_FILE, out_dir / WEIGHTS)
     return write_spec(out_dir, {"kind": "network", "approach": approach,
                                 "classes": meta["classes"], "image_size": meta["image_size"],
                                 "model": {"name": meta["model"]["name"],
@@ -49,9 +48,11 @@ def trunk_path(features_path: str | Path) -> Path:
     return Path(features_path).with_name(TRUNK)
 
 
-def save_trunk(trunk: nn.Module, features_path: str | Path) -> Path:
-    """Keep the extraction trunk's state dict (random weights cannot be rebuilt later)."""
-    return atomic_write(trunk_path(features_path), lambda tmp: torch.save(trunk.state_dict(), tmp))
+def save_trunk(trunk: nn.Module, features_path: str | Path, store: str | None = None) -> Path:
+    """Keep the extraction trunk's state dict (random weights cannot be rebuilt later); its
+    tensors go to the weight store `store`, if given."""
+    state = trunk.state_dict()
+    return weightstore.save(state, trunk_path(features_path), store, state)
 
 
 def write_spec(out_dir: Path, spec: dict[str, Any]) -> Path:
@@ -79,7 +80,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BoatrayError(f"{path.parent} lacks {path.name}: the model folder is incomplete "
                            "(copy it whole, or run the study again with --resume)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return weightstore.load(path)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from boatray import approaches, freezing, models, predict
+from boatray import approaches, freezing, models, predict, weightstore
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
@@ -258,7 +258,7 @@ def test_gradual_unfreezing_changes_the_trainable_set_at_the_right_epochs(gradua
 
     torch.manual_seed(exp.train.seed)  # the workers' initial model
     initial = models.build("resnet18", "none", 4).state_dict()
-    final = torch.load(Path(run["checkpoint"]) / checkpoints.MODEL_FILE, weights_only=True)
+    final = weightstore.load(Path(run["checkpoint"]) / checkpoints.MODEL_FILE)
     for key, value in initial.items():
         if key.startswith(("conv1", "bn1", "layer1")) and "num_batches" not in key:
             assert torch.equal(value, final[key]), f"frozen {key} changed"  # incl. BN stats

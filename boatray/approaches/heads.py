@@ -11,7 +11,6 @@ arrays (head.npz, `np.load(allow_pickle=False)`).
 from __future__ import annotations
 
 import abc
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
-from boatray import export
+from boatray import export, weightstore
 from boatray.approaches.base import Approach, Context, Plan
 from boatray.config import Experiment, HeadConfig
 from boatray.errors import BoatrayError
@@ -169,8 +168,7 @@ class FeatureHead(Approach):
     def export(self, estimator: Any, info: dict[str, Any], features_path: str | Path,
                out_dir: Path) -> Path:
         """The fitted head with the trunk that made its features, as a model folder."""
-        trunk = export.trunk_path(features_path)
-        atomic_write(out_dir / export.WEIGHTS, lambda tmp: shutil.copyfile(trunk, tmp))
+        weightstore.copy(export.trunk_path(features_path), out_dir / export.WEIGHTS)
         arrays = self.arrays(estimator)
         atomic_write(out_dir / HEAD, lambda tmp: _save_arrays(tmp, arrays))
         spec = info["model"]

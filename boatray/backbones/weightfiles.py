@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from boatray import weightstore
 from boatray.errors import BoatrayError
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -56,7 +57,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_pytorch(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return weightstore.load(path)  # a boatray weights file's frozen tensors included
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         raise BoatrayError(f"weights file {path} is not a PyTorch state dict "
                            f"({_first_line(exc)})") from None

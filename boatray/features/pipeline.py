@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from boatray import config as config_module
-from boatray import export, models
+from boatray import export, models, weightstore
 from boatray.cluster import only_this_node, start_ray
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
 from boatray.data.images import decode, normalize, to_chw
@@ -134,17 +134,19 @@ def actor_count(cfg: FeaturesConfig) -> int:
 
 
 def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
-            cfg: FeaturesConfig, image_size: tuple[int, int], seed: int = 0) -> Path:
+            cfg: FeaturesConfig, image_size: tuple[int, int], seed: int = 0,
+            store: str | None = None) -> Path:
     """Run the trunk of `model` (up to `cfg.stage`) over every manifest image with Ray Data;
     write `out_path` (a features file, featurefile.py) and its stats beside it; return it.
 
     `seed` draws the trunk's weights when `model.weights` is `none` (same seed, same features).
+    `store`: the weight store that keeps the trunk's tensors (weightstore.py), else trunk.pt.
     """
     frame, classes = read_manifest(manifest_path)
     torch.manual_seed(seed)
     network = models.build(model.name, model.weights, len(classes), model.pooling)
     trunk = models.trunk(network, cfg.stage)
-    export.save_trunk(trunk, out_path)
+    export.save_trunk(trunk, out_path, store)
     shape = output_shape(trunk, image_size)
     meta = {"classes": classes, "shape": list(shape), "stage": cfg.stage, "dtype": cfg.dtype,
             "seed": seed,
@@ -301,4 +303,5 @@ def _batches_here(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
 
 def extract_experiment(exp: Experiment, manifest: str | Path, out_path: str | Path) -> Path:
     """`extract` with an experiment's model, features settings, image size and seed."""
-    return extract(manifest, out_path, exp.model, exp.features, exp.data.image_size, exp.seed)
+    return extract(manifest, out_path, exp.model, exp.features, exp.data.image_size, exp.seed,
+                   weightstore.location(exp.storage_uri))

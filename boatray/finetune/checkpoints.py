@@ -1,9 +1,11 @@
 """The checkpoint format of a training run, and finding a run's latest checkpoint.
 
-A checkpoint folder holds model.pt (the unwrapped model's state dict), train_state.pt
-(optimizer, scheduler, finished epochs) and meta.json (classes, model, image size, freeze spec,
-seed, epoch and the per-epoch history): enough to resume, to predict, and to rebuild the model
-without the experiment config.
+A checkpoint folder holds model.pt (the unwrapped model's state dict: what trained, and in
+model.refs.json the frozen tensors kept once in the results folder's weight store,
+weightstore.py), train_state.pt (optimizer, scheduler, finished epochs) and meta.json (classes,
+model, image size, freeze spec, seed, epoch and the per-epoch history): enough to resume, to
+predict, and to rebuild the model without the experiment config. The checkpoint of a finished
+sweep trial keeps no train_state.pt (`finalize`): it never trains again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from boatray import models, storage
+from boatray import models, storage, weightstore
 from boatray.errors import BoatrayError
 
 MODEL_FILE = "model.pt"
@@ -30,16 +32,18 @@ Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.Redu
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Scheduler | None, epoch: int, history: list[dict],
-                    meta: dict[str, Any]) -> Path:
-    """Write a checkpoint folder: model.pt (the state dict of `model`, unwrapped),
-    train_state.pt (optimizer, scheduler, epoch) and meta.json (`meta`: classes, model, image
-    size; plus epoch and history, the per-epoch metrics).
+                    meta: dict[str, Any], store: str | None = None) -> Path:
+    """Write a checkpoint folder: model.pt (the state dict of `model`, unwrapped; what did not
+    train goes to the weight store `store`, if given), train_state.pt (optimizer, scheduler,
+    epoch) and meta.json (`meta`: classes, model, image size; plus epoch and history, the
+    per-epoch metrics).
 
     `epoch` counts the finished epochs, which is where a resumed run starts.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / MODEL_FILE)
+    weightstore.save(model.state_dict(), directory / MODEL_FILE, store,
+                     weightstore.untrained(model))
     torch.save({"optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "epoch": epoch}, directory / STATE_FILE)
@@ -54,8 +58,10 @@ def restore_checkpoint(directory: str | Path, model: nn.Module,
     """Load a checkpoint folder into the (unwrapped) model, optimizer and scheduler;
     return (finished epochs, history)."""
     directory = Path(directory)
-    model.load_state_dict(
-        torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+    if not (directory / STATE_FILE).is_file():
+        raise BoatrayError(f"checkpoint {directory} is a finished trial's ({STATE_FILE} dropped "
+                           "after the sweep): it predicts but cannot train on")
+    model.load_state_dict(weightstore.load(directory / MODEL_FILE))
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
@@ -84,6 +90,12 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
+def finalize(checkpoint: str) -> None:
+    """Drop the optimizer state (train_state.pt) of a finished trial's checkpoint (a local path
+    or URI): it never trains again, and Adam's state is twice the size of what trained."""
+    storage.delete(storage.join(checkpoint, STATE_FILE))
+
+
 def checkpoint_name(epoch: int) -> str:
     """The folder name of the checkpoint taken after `epoch` finished epochs."""
     return f"{CHECKPOINT_PREFIX}{epoch:04d}"
@@ -103,5 +115,5 @@ def latest_checkpoint(folder: str | Path) -> str | None:
             continue  # not a checkpoint's, or one being written
         epoch = int(json.loads(storage.read_bytes(location)).get("epoch", 0))
         if best is None or (epoch, location) > best:
-            best = (epoch, location.rsplit("/", 1)[0])
+            best = (epoch, storage.parent(location))
     return None if best is None else best[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from boatray import freezing, models
+from boatray import freezing, models, weightstore
 from boatray.config import Experiment, from_dict
 from boatray.data.decoded import DecodedImages
 from boatray.data.manifest import read_manifest
@@ -91,6 +91,7 @@ def train_loop(config: dict, session: sessions.Session) -> None:
             "model": {"name": exp.model.name, "pooling": exp.model.pooling,
                       "weights": exp.model.weights},
             "freeze": cfg.freeze, "seed": cfg.seed, "prefix_cache": config.get("prefix_cache")}
+    store = weightstore.location(exp.storage_uri)  # what did not train is stored there once
 
     phase, model = None, module
     for epoch in range(start, cfg.epochs):
@@ -123,12 +124,12 @@ def train_loop(config: dict, session: sessions.Session) -> None:
                                                if p.requires_grad)}
         history.append(metrics)
         session.report(metrics, lambda directory, done=epoch + 1: save_checkpoint(
-            directory, module, optimizer, scheduler, done, history, meta))
+            directory, module, optimizer, scheduler, done, history, meta, store))
     if history and start >= cfg.epochs:
         # restored after its last epoch (e.g. the driver was killed right then): report the
         # final metrics again, so that a Tune trial gets its metric
         session.report(history[-1], lambda directory: save_checkpoint(
-            directory, module, optimizer, scheduler, start, history, meta))
+            directory, module, optimizer, scheduler, start, history, meta, store))
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -1,5 +1,6 @@
 """The study's fine-tuning stage: the sweep, its trials table, and the test evaluation of the
-selected configurations (the best overall and the best per freeze spec), each repeat a run."""
+selected configurations (the best overall and the best per freeze spec), each repeat a run.
+The finished trials' checkpoints then drop their optimizer state (checkpoints.finalize)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from boatray import results
+from boatray import results, storage
 from boatray.config import Experiment
-from boatray.finetune import trials, tuning
+from boatray.finetune import checkpoints, trials, tuning
 from boatray.finetune.run import evaluate_and_write
 from boatray.finetune.trainer import check_inputs
 
@@ -28,6 +29,8 @@ def run_stage(exp: Experiment, manifest: Path, resume: bool, approach: str) -> N
     for choice in trials.select(table, exp.sweep.metric):
         for trial in choice["trials"]:
             evaluate_trial(exp, manifest, choice, trial, table, approach)
+    for path in table.loc[table["status"] == "finished", trials.CHECKPOINT_PATH].unique():
+        checkpoints.finalize(storage.same_kind(exp.storage_uri, path))
 
 
 def evaluate_trial(exp: Experiment, manifest: Path, choice: dict, trial: dict,
