@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               "(synthetic) boat images, not MarDCT; its numbers say nothing about the real "
               "data. Use --config ray_jobs/lab6.yaml --data DIR for the study.", flush=True)
     print(f"[boatray] results: {results_location(exp)}", flush=True)
+    storage.check_access(exp.storage_uri)
     if args.dry_run:
         return dry_run(exp, args)
     interrupt.install()
@@ -229,7 +230,8 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
     print(f"[boatray] done in {(time.monotonic() - started) / 60:.1f} min"
           + (f", {len(failures)} failed (above; Ray's worker logs: {logs})" if failures else ""),
           flush=True)
-    for line in summary.closing_lines(written, [], logs, exp.sweep.metric):
+    for line in summary.closing_lines(written, [], logs, exp.sweep.metric,
+                                      exp.storage_uri if exp.remote_storage else None):
         print(f"[boatray] {line}", flush=True)
     print(f"[boatray] results: {results_location(exp)}", flush=True)
     return 2 if failures else 0
