@@ -24,6 +24,7 @@ from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache
 from boatray.finetune.checkpoints import KEEP_CHECKPOINTS
 from boatray.finetune.loop import loop_config, train_in_trial
+from boatray.finetune.stale_checkpoints import RecoverCheckpoints
 from boatray.finetune.trainer import make_trainer, worker_resources
 from boatray.finetune.trials import METRIC_MODES
 from boatray.results import Layout
@@ -204,7 +205,7 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
                     trial_count(exp), exp.train.epochs, exp.sweep.metric,
                     {(f, int(r)) for f, r in (slot.split("/") for slot, cache in caches.items()
                                               if cache)}),
-                    GracefulStop(), *_logger_callbacks(exp)]))
+                    GracefulStop(), RecoverCheckpoints(), *_logger_callbacks(exp)]))
     results = tuner.fit()
     interrupt.after_tune()
     return results
