@@ -156,7 +156,8 @@ def killed_and_resumed(s3, tmp_path_factory) -> dict:
     done = subprocess.run([*command, "--resume"], cwd=second, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    yield {"uri": storage.join(prefix, name), "plain": f"{prefix}/{name}", "log": done.stdout,
+    yield {"uri": storage.join(f"{prefix}?endpoint_override={s3}", name),
+           "plain": f"{prefix}/{name}", "log": done.stdout,
            "finished_before": finished, "staging": storage.staging_dir(name), "root": root}
     shutil.rmtree(storage.staging_dir(name), ignore_errors=True)
 
@@ -193,8 +194,8 @@ def test_the_closing_lines_work_from_another_machine(killed_and_resumed, tmp_pat
     line reads the model from the bucket, the fetch line downloads results that predict and
     open by themselves; `python -m boatray.report` re-renders the report in the bucket."""
     run = killed_and_resumed
-    lines = {line.split(": ", 1)[0]: line.split(": ", 1)[1]
-             for line in run["log"].splitlines() if line.startswith("[boatray] ")}
+    lines = dict(line.split(": ", 1) for line in run["log"].splitlines()
+                 if line.startswith("[boatray] ") and ": " in line)
     assert lines["[boatray] report"].startswith(storage.join(run["uri"], "report", "report.html"))
     predict = shlex.split(lines["[boatray] predict with it"])
     assert predict[predict.index("--model") + 1].startswith(run["uri"].split("?")[0])
