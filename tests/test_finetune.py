@@ -6,6 +6,7 @@ group, which costs 30 to 55 s on a 2-core machine.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -365,3 +366,12 @@ def test_a_run_without_workers_trains_here_and_resumes(manifest, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_epoch_0002"]
     history = checkpoints.read_meta(second.checkpoint.path)["history"]
     assert history[0] == first.metrics
+
+
+def test_a_run_restored_after_its_last_epoch_keeps_its_frozen_trunk_in_the_store(manifest,
+                                                                                 tmp_path):
+    settings = experiment(tmp_path, num_workers=0, epochs=1, freeze="head", cache_prefix=False)
+    trainer.fit(from_dict(settings), manifest, tmp_path / "run")
+    again = trainer.fit(from_dict(settings), manifest, tmp_path / "run")  # reports it again
+    refs = weightstore.refs_path(Path(again.checkpoint.path) / checkpoints.MODEL_FILE)
+    assert "layer4.1.conv2.weight" in json.loads(refs.read_text())["tensors"]

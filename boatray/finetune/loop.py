@@ -127,7 +127,9 @@ def train_loop(config: dict, session: sessions.Session) -> None:
             directory, module, optimizer, scheduler, done, history, meta, store))
     if history and start >= cfg.epochs:
         # restored after its last epoch (e.g. the driver was killed right then): report the
-        # final metrics again, so that a Tune trial gets its metric
+        # final metrics again, so that a Tune trial gets its metric; frozen as it trained, so
+        # that what did not train goes to the weight store
+        freezing.freeze(module, freeze_spec_at(cfg, start - 1))
         session.report(history[-1], lambda directory: save_checkpoint(
             directory, module, optimizer, scheduler, start, history, meta, store))
 
