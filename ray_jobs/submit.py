@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from boatray import config as config_module
+from boatray import fetch
 from boatray.config import Experiment
 from boatray.errors import BoatrayError, cli
 
@@ -123,9 +124,9 @@ def results_location(exp: Experiment) -> str:
 
     `exp` is loaded as the job loads it: a relative storage_path under JOB_RESULTS_BASE of the
     node that runs the job's driver (the head node by default)."""
+    if exp.remote_storage:
+        return f"{exp.storage_uri} (fetch: {fetch.command(exp.storage_uri)})"
     where = f"{exp.storage_path.rstrip('/')}/{exp.name}"
-    if "://" in exp.storage_path:
-        return f"{where} (fetch: aws s3 sync {where} ./{exp.name} , or your storage's client)"
     return (f"{where} on the node that runs the job's driver, the head node by default "
             f"(fetch: ray rsync-down cluster.yaml {where} ./{exp.name})")
 

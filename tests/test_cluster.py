@@ -124,7 +124,8 @@ def test_submit_says_where_results_land_and_how_to_fetch_them():
     def where(*overrides: str) -> str:
         return submit.results_location(load(None, list(overrides), base=JOB_RESULTS_BASE))
 
-    assert where("storage_path=s3://b/p/").startswith("s3://b/p/smoke (fetch: aws s3 sync ")
+    assert where("storage_path=s3://b/p/").startswith(
+        "s3://b/p/smoke (fetch: python -m boatray.fetch s3://b/p/smoke smoke)")
     assert where("storage_path=/shared").startswith("/shared/smoke on the node that runs")
     assert where().startswith("~/boatray/results/smoke on the node")
     assert "ray rsync-down cluster.yaml ~/boatray/results/smoke ./smoke" in where()
