@@ -82,7 +82,7 @@ def refill_staging(exp: Experiment) -> None:
 def check_results_dir(exp: Experiment, resume: bool) -> None:
     """Refuse to mix two experiments in one folder; on --resume, refuse a changed config. The
     config is read where the results are (the storage, for a remote storage_path)."""
-    record = (f"{exp.storage_uri}/{exp.layout.experiment.name}" if exp.remote_storage
+    record = (storage.join(exp.storage_uri, exp.layout.experiment.name) if exp.remote_storage
               else exp.layout.experiment)
     if not storage.is_file(record):
         return

@@ -117,7 +117,11 @@ def test_weights_stored_on_s3_load_back_from_the_bucket(s3, tmp_path):
     frozen = sum(t.numel() * t.element_size() for t in trunk.state_dict().values())
     assert sizes[weightstore.STORE_DIR] <= frozen and sizes["models"] < 0.01 * frozen
     model = storage.join(results, "models", "svm")
-    state = weightstore.load(storage.local_copy(model, tmp_path / "svm") / export.WEIGHTS, model)
+    local = storage.local_copy(model, tmp_path / "svm")
+    weightstore.downloaded(local, model)
+    assert json.loads(weightstore.refs_path(local / export.WEIGHTS).read_text())["store"] \
+        == weightstore.location(results)  # found from the URI: its results folder's
+    state = weightstore.load(local / export.WEIGHTS)
     for name, value in trunk.state_dict().items():
         assert torch.equal(value, state[name]), name
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from boatray import export, freezing, models, weightstore
+from boatray import approaches, export, freezing, models, weightstore
 from boatray.config import TrainConfig
 from boatray.errors import BoatrayError
 from boatray.finetune import checkpoints, engine
@@ -78,7 +78,7 @@ def test_two_checkpoints_and_a_model_store_the_frozen_trunk_once(tmp_path):
         assert torch.equal(value, loaded.state_dict()[name]), name
     exported = export.export_checkpoint(first, results / "models" / "run", "finetune")
     assert stored_files(results) == once
-    network = export.load(exported).network
+    network = approaches.load_model(exported).network
     x = torch.randn(2, 3, 32, 96)
     restored, _ = checkpoints.load_model(first)
     assert torch.equal(network(x), restored(x))

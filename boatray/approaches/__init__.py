@@ -7,10 +7,11 @@ iterates `APPROACHES`.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from boatray import export
+from boatray import export, storage, weightstore
 from boatray.approaches.base import Approach, Context, Plan
 from boatray.approaches.baseline import Baseline
 from boatray.approaches.finetune import Finetune
@@ -40,7 +41,13 @@ def enabled(config: dict[str, Any]) -> list[Approach]:
 
 
 def load_model(folder: str | Path) -> export.Model:
-    """An exported model folder of any approach, rebuilt from its files alone."""
+    """An exported model folder (or its storage URI) of any approach, rebuilt from its files
+    and the weight store of its results folder alone."""
+    if storage.is_remote(folder):
+        with tempfile.TemporaryDirectory(prefix="boatray-model-") as temporary:
+            local = storage.local_copy(folder, Path(temporary) / "model")
+            weightstore.downloaded(local, str(folder))
+            return load_model(local)
     folder = Path(folder)
     spec = export.read_spec(folder)
     approach = get(spec.get("approach"))
