@@ -141,7 +141,11 @@ def _put(store: str, tensor: torch.Tensor) -> str:
 
 
 def _get(store: str, digest: str, file: Path) -> bytearray:
-    data = bytearray(storage.read_bytes(storage.join(store, digest)))
+    try:
+        data = bytearray(storage.read_bytes(storage.join(store, digest)))
+    except OSError:
+        raise BoatrayError(f"stored tensor {digest} of {file} is missing from {store}: copy or "
+                           "fetch the whole results folder") from None
     if hashlib.sha256(data).hexdigest() != digest:
         raise BoatrayError(f"stored tensor {digest} of {file} is damaged (its sha256 differs) "
                            f"in {store}")

@@ -102,14 +102,19 @@ def test_a_copied_results_folder_uses_its_own_store_and_one_without_it_is_one_li
     assert "\n" not in str(error.value)
 
 
-def test_a_damaged_stored_tensor_is_found_when_read(tmp_path):
+def test_a_damaged_or_missing_stored_tensor_is_one_line_when_read(tmp_path):
     store = weightstore.location(tmp_path)
-    file = weightstore.save({"w": torch.ones(256, 256)}, tmp_path / "w.pt", store, {"w"})
-    blob = stored_files(tmp_path)[0]
+    state = {"w": torch.ones(256, 256), "v": torch.zeros(256, 256)}
+    file = weightstore.save(state, tmp_path / "w.pt", store, state)
+    refs = json.loads(weightstore.refs_path(file).read_text())["tensors"]
+    blob = tmp_path / weightstore.STORE_DIR / refs["v"]["sha256"]
     data = bytearray(blob.read_bytes())
     data[100] ^= 1
     blob.write_bytes(bytes(data))
     with pytest.raises(BoatrayError, match="damaged"):
+        weightstore.load(file)
+    blob.unlink()  # the store is found (it holds "w"), "v" is not in it
+    with pytest.raises(BoatrayError, match="missing"):
         weightstore.load(file)
 
 
