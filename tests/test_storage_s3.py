@@ -28,6 +28,7 @@ from test_sweep import README_JOB, repository_copy, user_env
 
 from boatray import export, models, storage, sweep, weightstore
 from boatray.cluster import free_ports
+from boatray.finetune import prefix_cache
 from boatray.results import Layout
 
 BUCKET = "boatray-ci"
@@ -164,6 +165,9 @@ def killed_and_resumed(s3, tmp_path_factory) -> dict:
            "plain": f"{prefix}/{name}", "log": done.stdout,
            "finished_before": finished, "staging": storage.staging_dir(name), "root": root}
     shutil.rmtree(storage.staging_dir(name), ignore_errors=True)
+    caches = storage.join(prefix, name, Layout.CACHE)
+    for key in {relative.parts[0] for _, relative in storage.files_under(caches)}:
+        shutil.rmtree(prefix_cache.local_folder(storage.join(caches, key)), ignore_errors=True)
 
 
 @pytest.mark.slow
