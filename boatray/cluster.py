@@ -16,6 +16,7 @@ from urllib.parse import urlunsplit
 import ray
 
 from boatray.errors import BoatrayError
+from boatray.nodetypes import NodeType, published
 
 LOCAL = "local"
 
@@ -37,13 +38,24 @@ def ray_address(address: str | None = None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or LOCAL
 
 
+def works_here() -> bool:
+    """Whether this process's node takes work: Ray is not running, or the node offers Ray
+    CPUs (a head started with none, as on the local autoscaling cluster, runs drivers only)."""
+    if not ray.is_initialized():
+        return True
+    here = ray.get_runtime_context().get_node_id()
+    return any(n["NodeID"] == here and n["Resources"].get("CPU", 0.0) > 0
+               for n in ray.nodes() if n["Alive"])
+
+
 def only_this_node() -> bool:
-    """Whether Ray runs nowhere but on this process's node (or is not running): work for one
-    CPU slot can then run in this process instead of a Ray worker that must start first."""
+    """Whether Ray runs nowhere but on this process's node (or is not running), and that node
+    takes work: work for one CPU slot can then run in this process instead of a Ray worker
+    that must start first."""
     if not ray.is_initialized():
         return True
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    return len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+    return len(nodes) == 1 and works_here()
 
 
 def start_ray(address: str | None = None, **kwargs) -> None:
@@ -73,11 +85,11 @@ class Capacity:
     """What the cluster offers: its live nodes, and the node types its autoscaler can add."""
 
     nodes: list[dict[str, float]]
-    node_types: list[tuple[dict[str, float], int]] = field(default_factory=list)  # (shape, max)
+    node_types: list[NodeType] = field(default_factory=list)
 
     def shapes(self) -> list[dict[str, float]]:
         """Every node shape a request could be placed on, now or after scaling up."""
-        return self.nodes + [shape for shape, _ in self.node_types]
+        return self.nodes + [kind.resources for kind in self.node_types]
 
     def fits(self, request: dict[str, float]) -> bool:
         """Whether one node (live or addable) can hold `request`."""
@@ -91,10 +103,20 @@ class Capacity:
         """How many copies of `request` the cluster can hold at once (inf: the autoscaler has
         no limit)."""
         count = float(sum(_copies(shape, request) for shape in self.nodes))
-        for shape, most in self.node_types:
+        for _, shape, most in self.node_types:
             count += math.inf if most < 0 and _copies(shape, request) else \
                 _copies(shape, request) * max(most, 0)
         return count
+
+    def where(self, request: dict[str, float]) -> str:
+        """Where Ray can place `request`, said for a person: live nodes that hold it, node
+        types the autoscaler adds for it, or nowhere."""
+        live = sum(1 for shape in self.nodes if _holds(shape, request))
+        places = [f"{live} live node(s)"] if live else []
+        places += [f"{kind.name} nodes the autoscaler adds (up to "
+                   f"{'any' if kind.max_workers < 0 else kind.max_workers})"
+                   for kind in self.node_types if _holds(kind.resources, request)]
+        return " or ".join(places) or "no node"
 
     def gpus_now(self) -> int:
         """GPUs on the live nodes."""
@@ -117,16 +139,7 @@ def _copies(shape: dict[str, float], request: dict[str, float]) -> int:
 
 
 def cluster_capacity() -> Capacity:
-    """The connected cluster's live nodes and, where an autoscaler reported its config (Ray's
-    own record, as Ray Data reads it), the node types it can still add."""
+    """The connected cluster's live nodes and the node types its autoscaler can still add
+    (as recorded in the GCS: boatray.nodetypes)."""
     nodes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # an older or unusual GCS: plan with the live nodes only
-        config = None
-    types = [] if config is None else [
-        (dict(group.resources), group.max_count) for group in config.node_group_configs
-        if group.max_count != 0 and group.resources]
-    return Capacity(nodes, types)
+    return Capacity(nodes, published())

@@ -138,10 +138,49 @@ def describe_capacity(capacity: Capacity) -> str:
     """One line: the live nodes and what the autoscaler can add."""
     cpus = sum(n.get("CPU", 0.0) for n in capacity.nodes)
     gpus = capacity.gpus_now()
-    added = ", ".join(f"{shown(shape)} x {'any' if most < 0 else most}"
-                      for shape, most in capacity.node_types) or "nothing"
+    added = ", ".join(f"{name} {shown(shape)} x {'any' if most < 0 else most}"
+                      for name, shape, most in capacity.node_types) or "nothing"
     return (f"{len(capacity.nodes)} node(s) with {cpus:g} CPUs and {gpus} GPUs; "
             f"the autoscaler can add {added}")
+
+
+def placement(exp: Experiment, images: int, capacity: Capacity) -> list[str]:
+    """Where each kind of work of the run goes on this cluster (Ray must be started): the
+    driver's own work, and each process the enabled approaches start, on the live nodes or
+    node types that can hold it."""
+    from boatray.cluster import only_this_node
+    from boatray.features.pipeline import runs_here
+    from boatray.finetune.tuning import in_trial_process, trial_resources
+
+    def on(what: str, request: dict[str, float]) -> str:
+        return f"where: {what} {shown(request)}: on {capacity.where(request)}"
+
+    chosen = {approach.name: approach for approach in approaches.enabled(exp.to_dict())}
+    worker = worker_resources(exp.train)
+    lines = ["where: the driver (this node): the stages in turn, the classical heads' fits, "
+             "the report"]
+    trains = [name for name in ("finetune", "baseline") if name in chosen]
+    if trains and in_trial_process(exp):
+        lines.append(on(f"each {' and '.join(trains)} run trains in its own process of",
+                        worker))
+    elif trains:
+        if "finetune" in chosen:
+            lines.append(on("each sweep trial's driver takes", trial_resources(exp)))
+        lines.append(on(f"each run's {exp.train.num_workers} Ray Train workers (DDP) take each",
+                        worker))
+    if any(approach.uses_features for approach in chosen.values()):
+        if runs_here(images, exp.features):
+            lines.append(f"where: feature extraction: in the driver's process ({images} "
+                         "images, one CPU actor's work)")
+        else:
+            lines.append(on("each feature-extraction actor takes",
+                            {"CPU": exp.features.cpus_per_actor,
+                             "GPU": 1.0 if exp.features.use_gpu else 0.0}))
+    if trains and not exp.train.use_gpu and only_this_node():
+        lines.append("where: the trained runs' test predictions: in the driver's process")
+    elif trains:
+        lines.append(on("the trained runs' test predictions take", worker))
+    return lines
 
 
 def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[str]:
@@ -171,6 +210,7 @@ def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[st
         if step.flops:
             flops[approach.stage] = step.flops
     lines.append("stage report: report.md and report.html")
+    lines += placement(exp, images, capacity)
     lines.append("compute estimate: " + ", ".join(
         f"{name} {_flops(value)}" for name, value in flops.items())
         + f"; total {_flops(sum(flops.values()))} (training counted as 3x the forward pass: "

@@ -20,7 +20,6 @@ import argparse
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from boatray import config as config_module
 from boatray import fetch
 from boatray.config import Experiment
 from boatray.errors import BoatrayError, cli
+from boatray.localcluster import ray_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = "ray_jobs/runtime_env.yaml"
@@ -103,7 +103,7 @@ def repo_relative(config: str) -> str:
 def submit_command(sweep_args: list[str], submission_id: str, address: str | None = None,
                    no_wait: bool = False) -> list[str]:
     """The `ray job submit` command line (run from the repository root)."""
-    command = [ray_executable(), "job", "submit", "--submission-id", submission_id]
+    command = [ray_cli(), "job", "submit", "--submission-id", submission_id]
     if address:
         command += ["--address", address]
     if no_wait:
@@ -111,12 +111,6 @@ def submit_command(sweep_args: list[str], submission_id: str, address: str | Non
     command += ["--working-dir", ".", "--runtime-env", RUNTIME_ENV, "--",
                 "python", "-m", "boatray.sweep", *sweep_args]
     return command
-
-
-def ray_executable() -> str:
-    """Ray's CLI of this Python environment (or the first on PATH)."""
-    beside = Path(sys.executable).with_name("ray")
-    return str(beside) if beside.is_file() else (shutil.which("ray") or "ray")
 
 
 def results_location(exp: Experiment) -> str:
