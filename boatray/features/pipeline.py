@@ -8,11 +8,13 @@ may end at any cut point (`pool`: the pooled features; a stage: the frozen-prefi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
-import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import torch
 from torch import nn
 
 from boatray import config as config_module
-from boatray import export, models, weightstore
-from boatray.cluster import only_this_node, start_ray
+from boatray import console, export, models, weightstore
+from boatray.cluster import only_this_node, start_ray, works_here
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
 from boatray.data.images import decode, normalize, to_chw
 from boatray.data.manifest import read_manifest
@@ -80,6 +82,7 @@ class TrunkRunner:
         self.trunk = torch.compile(self.eager, options={"freezing": True}) if compile else (
             self.eager)
         self.dtype = np.dtype(dtype)
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
@@ -112,7 +115,8 @@ class TrunkRunner:
             features[ok] = out
         share = (time.perf_counter() - started) / max(len(ok), 1)
         return {**{c: batch[c] for c in (*COLUMNS, "error", "decode_seconds")},
-                "features": features, "trunk_seconds": np.full(len(ok), share)}
+                "features": features, "trunk_seconds": np.full(len(ok), share),
+                "node": np.full(len(ok), self.node)}
 
 
 def output_shape(trunk: nn.Module, image_size: tuple[int, int]) -> tuple[int, ...]:
@@ -154,13 +158,14 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
     out_path = Path(out_path)
     batches, settings = trunk_batches(frame, trunk, cfg, image_size)  # lazy: runs below
     timing = PipelineTiming(settings["fused_decode"], settings["actors"])
+    nodes: Counter[str] = Counter()
     started = time.monotonic()
-    written, failed = write_features(timing.watch(batches), out_path, meta)
+    written, failed = write_features(timing.watch(_count_nodes(batches, nodes)), out_path, meta)
     seconds = time.monotonic() - started
     stats = {"images": written, "failed": failed, "seconds": seconds,
              "images_per_second": written / seconds if seconds > 0 else None,
              **timing.summary(started), "use_gpu": cfg.use_gpu, "batch_size": cfg.batch_size,
-             **settings}
+             **settings, "images_per_node": dict(nodes)}
     atomic_write_text(stats_path(out_path), json.dumps(stats, indent=2) + "\n")
     rates = f"{stats['images_per_second'] or 0:.2f} images/s"
     if stats["steady_images_per_second"]:
@@ -175,6 +180,15 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
               + "; ".join(f["path"] for f in failed[:5]) + (" ..." if len(failed) > 5 else ""),
               flush=True)
     return out_path
+
+
+def _count_nodes(batches: Iterator[dict[str, np.ndarray]], counts: Counter[str]
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """`batches`, passed through, their rows counted by the Ray node that ran the trunk on
+    them ('' without Ray)."""
+    for batch in batches:
+        counts.update(batch["node"].tolist())
+        yield batch
 
 
 class PipelineTiming:
@@ -230,11 +244,12 @@ cluster: for so few, starting an actor and shipping it the model costs more than
 
 def runs_here(rows: int, cfg: FeaturesConfig) -> bool:
     """Whether an extraction runs in the calling process: on CPUs with one actor, for a small
-    input or where Ray has no node but this one (or is not running). An actor would do the same
-    work on the same cores after starting and receiving the model (about 20 s with 2 cores)."""
+    input or where Ray has no node but this one (or is not running), if this node takes work
+    (a head kept for drivers does not). An actor would do the same work on the same cores after
+    starting and receiving the model (about 20 s with 2 cores)."""
     if cfg.use_gpu or cfg.num_actors not in (None, 1):
         return False
-    return rows <= SMALL_INPUT or only_this_node()
+    return (rows <= SMALL_INPUT and works_here()) or only_this_node()
 
 
 def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
@@ -257,11 +272,11 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
     threads = cfg.threads_per_actor or (
         None if cfg.use_gpu else max(1, (os.cpu_count() or 1) // math.ceil(actors / nodes)))
     # the rows as several blocks from the start (no repartition stage), so that every actor
-    # gets work; in order, since the writers fill arrays in manifest order
+    # gets work; in order, since the writers fill arrays in manifest order. Built here: no
+    # metadata tasks that would wait for a node with CPUs before the actors ask for one
     blocks = max(actors, min(math.ceil(len(frame) / cfg.batch_size), 8 * actors))
     rows = frame[list(COLUMNS)].reset_index(drop=True)
-    dataset = ray.data.from_pandas([rows.iloc[part] for part in
-                                    np.array_split(np.arange(len(rows)), blocks) if len(part)])
+    dataset = ray.data.from_items(rows.to_dict("records"), override_num_blocks=blocks)
     dataset.context.execution_options.preserve_order = True
     # on CPUs each actor decodes its own rows (no second operator to hold CPUs); with GPUs,
     # CPU tasks decode in parallel for the GPU actors
@@ -271,23 +286,52 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
                                       batch_size=cfg.batch_size, batch_format="numpy",
                                       num_cpus=1)
     gpu = {"num_gpus": 1} if cfg.use_gpu else {}
-    # Ray Data keeps an actor pool's constructor in the object store, and Ray logs an ERROR
-    # for every such actor that may restart (ray-project/ray#53727): max_restarts=0, so a lost
-    # actor fails the extraction instead (--resume repeats it). Ray 2.60 takes max_restarts
-    # only as a (deprecated) extra remote argument, so its warning is silenced here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-        dataset = dataset.map_batches(
-            TrunkRunner, fn_constructor_kwargs={
-                "trunk": [ray.put(trunk)], "use_gpu": cfg.use_gpu, "amp": cfg.amp,
-                "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype,
-                "compile": cfg.compile,
-                "decode_size": tuple(image_size) if fused_decode else None},
-            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
-            batch_format="numpy", num_cpus=cfg.cpus_per_actor, max_restarts=0, **gpu)
-    return (dataset.iter_batches(batch_size=None, batch_format="numpy"),
+    # Ray Data's actors restart when they are lost (a node lost with them): Ray starts a new
+    # one, which fetches the trunk from the driver's object store, and retries its batches
+    dataset = dataset.map_batches(
+        TrunkRunner, fn_constructor_kwargs={
+            "trunk": [ray.put(trunk)], "use_gpu": cfg.use_gpu, "amp": cfg.amp,
+            "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype,
+            "compile": cfg.compile,
+            "decode_size": tuple(image_size) if fused_decode else None},
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
+        batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu)
+    return (_actors_started_quietly(dataset.iter_batches(batch_size=None, batch_format="numpy")),
             {"actors": actors, "threads_per_actor": threads, "compile": cfg.compile,
              "fused_decode": fused_decode, "in_process": False})
+
+
+def _actors_started_quietly(batches: Iterator[dict[str, np.ndarray]]
+                            ) -> Iterator[dict[str, np.ndarray]]:
+    """`batches`, with this process's stderr sent to Ray's log folder until the first one
+    arrives: creating an actor that may restart with its arguments in the object store (Ray
+    Data's actors hold their function there) makes Ray's core log an ERROR line on the driver's
+    stderr (ray-project/ray#53727), which a restart from the driver's own object store does
+    not concern."""
+    batches = iter(batches)
+    logs = console.ray_logs_dir()
+    quiet = contextlib.nullcontext() if logs is None else _stderr_to(logs / "driver-ray.err")
+    with quiet:
+        first = next(batches, None)
+    if first is None:
+        return
+    yield first
+    yield from batches
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """File descriptor 2 (where Ray's C++ core writes) redirected to `path` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("ab") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _batches_here(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
