@@ -121,7 +121,7 @@ def train_loop(config: dict, session: sessions.Session) -> None:
                    "lr": lr, "images_per_second": trained["images_per_second"],
                    "epoch_seconds": max_over_ranks(time.perf_counter() - began, device),
                    "trainable_parameters": sum(p.numel() for p in module.parameters()
-                                               if p.requires_grad)}
+                                               if p.requires_grad), **session.placement(module)}
         history.append(metrics)
         session.report(metrics, lambda directory, done=epoch + 1: save_checkpoint(
             directory, module, optimizer, scheduler, done, history, meta, store))

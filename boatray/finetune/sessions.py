@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -52,6 +53,25 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def report(self, metrics: dict, write: WriteCheckpoint) -> None:
         """Hand one epoch's metrics and a checkpoint (`write` fills its folder) onward."""
+
+    def placement(self, module: nn.Module) -> dict:
+        """Where an epoch trained, for its metrics: nothing outside Ray."""
+        return {}
+
+
+def node_id() -> str:
+    """The Ray node this process runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A digest of every parameter's values, in the module's order."""
+    digest = hashlib.sha256()
+    for parameter in module.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _open(location: str | None) -> contextlib.AbstractContextManager:
@@ -121,6 +141,10 @@ class TrialSession(Session):
             write(Path(directory))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
+    def placement(self, module: nn.Module) -> dict:
+        """`node`: the Ray node the trial's process trained on."""
+        return {"node": node_id()}
+
 
 class WorkerSession(Session):
     """One rank of a Ray Train worker group (DDP); rank 0 saves the checkpoint."""
@@ -164,3 +188,13 @@ class WorkerSession(Session):
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint,
                              checkpoint_dir_name=checkpoint_name(metrics["epoch"]))
+
+    def placement(self, module: nn.Module) -> dict:
+        """`node`: every rank's Ray node, in rank order, comma-separated; `ranks_equal`:
+        whether every rank holds the same weights (DDP keeps them so)."""
+        import torch.distributed as dist
+
+        ranks: list = [None] * self.world
+        dist.all_gather_object(ranks, (node_id(), weights_digest(module)))
+        return {"node": ",".join(node for node, _ in ranks),
+                "ranks_equal": len({digest for _, digest in ranks}) == 1}
