@@ -167,6 +167,30 @@ class GracefulStop(tune.Callback):
         interrupt.during_tune()
 
 
+class RetryLines(tune.Callback):
+    """One line when Tune restarts a failed trial from its last checkpoint (its process was
+    lost, e.g. with its node, or raised)."""
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        print(f"[sweep] trial {trial.trial_id} failed ({_error_name(trial)}); Tune restarts "
+              f"it from its last checkpoint (retry {trial.num_failures} of "
+              f"{self.max_failures})", flush=True)
+
+
+def _error_name(trial) -> str:
+    """The type of a trial's last error, as Tune keeps it beside the driver's trial folder."""
+    from ray import cloudpickle
+
+    try:
+        with open(trial.pickled_error_file, "rb") as file:
+            return type(cloudpickle.load(file)).__name__
+    except (OSError, TypeError, ValueError, cloudpickle.pickle.UnpicklingError):
+        return f"see {trial.error_file}"
+
+
 def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.ResultGrid:
     """Run (or resume) the Tune sweep of fine-tuning trials and return its results; raise
     `interrupt.Interrupted` when a signal stopped it (its state is saved for --resume)."""
@@ -197,15 +221,17 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
                 reuse_actors=in_trial_process(exp)),
             run_config=tune.RunConfig(
                 name=Layout.TUNE, storage_path=root, verbose=0,
-                # in a trial's process Tune retries it; a Train run retries its workers itself
-                failure_config=tune.FailureConfig(
-                    max_failures=exp.train.max_failures if in_trial_process(exp) else 0),
+                # Tune retries a trial from its last checkpoint when its process is lost (its
+                # node with it); a Train run retries its workers itself, and a trial whose
+                # driver was lost resumes its Train run (same name) from the last checkpoint
+                failure_config=tune.FailureConfig(max_failures=exp.train.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                 callbacks=[console.TrialLines(
                     trial_count(exp), exp.train.epochs, exp.sweep.metric,
                     {(f, int(r)) for f, r in (slot.split("/") for slot, cache in caches.items()
                                               if cache)}),
-                    GracefulStop(), RecoverCheckpoints(), *_logger_callbacks(exp)]))
+                    GracefulStop(), RecoverCheckpoints(), RetryLines(exp.train.max_failures),
+                    *_logger_callbacks(exp)]))
     results = tuner.fit()
     interrupt.after_tune()
     return results
