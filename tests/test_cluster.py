@@ -1,39 +1,22 @@
 """Running on a cluster: cluster.yaml against Ray's own launcher checks, ray_jobs/ (runtime env,
-submit helper, README), a 2-worker run across two local nodes, and `ray job submit` of the smoke
-experiment to a `ray start --head` instance.
-
-Other tests and developers run Ray on this machine at the same time, so the Ray instances here
-are private: each gets its own RAY_TMPDIR (where Ray records the address that a bare
-`ray.init()` joins) and free ports, and is stopped by killing exactly its own processes, never
-with `ray stop`, which stops every Ray process on the machine.
+submit helper, README), the node types a run plans with. Jobs on a real autoscaling cluster:
+test_localcluster.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import json
-import os
 import re
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
+from boatray import localcluster, nodetypes
 from boatray.cluster import free_ports
 from boatray.errors import BoatrayError
+from boatray.nodetypes import NodeType
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -156,128 +139,37 @@ def test_submit_refuses_placeholders_and_an_unreachable_server_in_one_line(monke
     assert "[submit] logs:" not in captured.out
 
 
-# ---------------------------------------------------------------- private Ray instances
+# ---------------------------------------------------------------- node types
 
-def processes_of(ray_tmpdir: str) -> list[int]:
-    """Every live process that inherited RAY_TMPDIR=ray_tmpdir: one private Ray instance."""
-    marker = f"RAY_TMPDIR={ray_tmpdir}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ:
-            found.append(int(entry.name))
-    return found
+def test_node_types_come_from_the_autoscaler_config():
+    local = yaml.safe_load((REPO / "ray_jobs" / "local-cluster.yaml").read_text())
+    assert nodetypes.from_config(local) == [NodeType("cpu_2x", {"CPU": 2.0}, 2)]
+    # on the head, `ray up` has filled in each type's resources from its instance type
+    raw = cluster_config()
+    raw["available_node_types"]["gpu_1x"]["resources"] = {"CPU": 8, "GPU": 1}
+    raw["available_node_types"]["gpu_4x"]["resources"] = {"CPU": 48, "GPU": 4}
+    assert nodetypes.from_config(raw) == [NodeType("gpu_1x", {"CPU": 8.0, "GPU": 1.0}, 8),
+                                          NodeType("gpu_4x", {"CPU": 48.0, "GPU": 4.0}, 2)]
+    assert "python -m boatray.nodetypes ~/ray_bootstrap_config.yaml" in raw[
+        "head_start_ray_commands"]
 
 
-def stop_processes_of(ray_tmpdir: str, grace_seconds: float = 5.0) -> None:
-    """Stop one private Ray instance: SIGTERM its processes, SIGKILL what is left after grace."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in processes_of(ray_tmpdir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_seconds
-        while processes_of(ray_tmpdir) and time.monotonic() < deadline:
-            time.sleep(0.5)
+# ---------------------------------------------------------------- the local cluster's command
+
+def test_the_local_cluster_head_offers_no_cpu_and_the_trial_drivers():
+    raw = localcluster.read_config(REPO / "ray_jobs" / "local-cluster.yaml")
+    assert localcluster.head_arguments(raw) == [
+        "--num-cpus=0", "--num-gpus=0", "--object-store-memory=400000000",
+        '--resources={"trial_driver": 4}']
+    assert raw["provider"]["module"] == localcluster.PROVIDER
 
 
-@pytest.fixture
-def private_ray_env() -> Iterator[dict[str, str]]:
-    """An environment for Ray processes of their own: private RAY_TMPDIR (short, for Unix
-    socket paths), token authentication with a fresh token, this venv's `python` first on PATH,
-    and no RAY_ADDRESS (it would override any address given). Stops them all afterwards."""
-    ray_tmpdir = tempfile.mkdtemp(prefix="br-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_TMPDIR=ray_tmpdir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    try:
-        yield env
-    finally:
-        stop_processes_of(ray_tmpdir)
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
-
-
-def start_head(env: dict[str, str], log: Path, tries: int = 2) -> str:
-    """`ray start --head` on free ports, 4 logical CPUs; returns the job server's address.
-
-    A second try after a failed start: on a loaded machine the raylet can miss the fixed 30 s
-    in which `ray start` waits for it to register with the GCS.
-    """
-    for _ in range(tries):
-        gcs, dashboard, agent, agent_grpc, client, metrics = free_ports(6)
-        started = run_logged(
-            [submit.ray_executable(), "start", "--head", f"--port={gcs}", "--num-cpus=4",
-             "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-             f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
-             f"--metrics-export-port={metrics}", "--disable-usage-stats"],
-            env, log, timeout=180)
-        if started == 0:
-            return f"http://127.0.0.1:{dashboard}"
-        stop_processes_of(env["RAY_TMPDIR"])
-    pytest.fail(f"ray start --head failed {tries} times:\n{log.read_text()[-5000:]}")
-
-
-def job_status(address: str, job: str, token: str) -> str:
-    """A job's status from the job server's REST API (GET /api/jobs/ID), token-authenticated."""
-    request = urllib.request.Request(f"{address}/api/jobs/{job}",
-                                     headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        return json.load(reply)["status"]
-
-
-def run_logged(command: list[str], env: dict, log: Path, timeout: float) -> int:
-    """Run a command from the repository root, its output into `log`; return its exit code."""
-    with log.open("a") as out:
-        return subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=timeout, check=False).returncode
-
-
-# ---------------------------------------------------------------- multi-node, real client
-
-@pytest.mark.slow
-def test_two_workers_train_on_two_nodes(private_ray_env, tmp_path):
-    log = tmp_path / "two_nodes.log"
-    code = run_logged([sys.executable, "tests/two_node_training.py", str(tmp_path / "storage"),
-                       *map(str, free_ports(2))], private_ray_env, log, timeout=600)
-    output = log.read_text()
-    assert code == 0, output[-5000:]
-    result = json.loads(output.strip().splitlines()[-1])
-    assert result["worker_nodes"] == sorted(result["nodes"].values())  # one worker per node
-    run_dir = Path(result["run_dir"])
-    assert run_dir == tmp_path / "storage" / "two-node" / "runs" / "ddp"
-    assert list(run_dir.glob("checkpoint_*/model.pt"))
-    assert (run_dir / "predictions.parquet").is_file()
-    assert json.loads((run_dir / "run.json").read_text())["checkpoint"].startswith(str(run_dir))
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_readme_job_and_its_results_outlive_it(private_ray_env,
-                                                                       tmp_path):
-    home = tmp_path / "home"  # the head node's home, where a job's relative results land
-    home.mkdir()
-    private_ray_env["HOME"] = str(home)
-    log = tmp_path / "job.log"
-    address, job = start_head(private_ray_env, log), "boatray-smoke-ci"
-    with pytest.raises(urllib.error.HTTPError) as refused:  # token auth is on
-        urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
-    assert refused.value.code in (401, 403)
-    # The README's job command as written, with only the address of this private head added.
-    submitted = run_logged(
-        [submit.ray_executable(), "job", "submit", "--address", address, "--submission-id", job,
-         "--working-dir", ".", "--", "python", "-m", "boatray.sweep"],
-        private_ray_env, log, timeout=1500)
-    status = job_status(address, job, private_ray_env["RAY_AUTH_TOKEN"])
-    output = log.read_text()
-    assert submitted == 0 and status == "SUCCEEDED", f"{status}\n{output[-8000:]}"
-    results = home / "boatray" / "results" / "smoke"
-    assert f"[boatray] results: {results}" in output
-    stop_processes_of(private_ray_env["RAY_TMPDIR"])  # the job and the Ray instance are gone
-    assert (results / "report" / "report.html").is_file()
-    assert pd.read_parquet(results / "trials.parquet")["trial_id"].nunique() == 4
+def test_local_cluster_mistakes_are_one_line(tmp_path, capsys):
+    aws = tmp_path / "aws.yaml"
+    aws.write_text(CLUSTER_YAML.read_text())
+    assert localcluster.main(["up", "--config", str(aws), "--dir", str(tmp_path / "c")]) == 2
+    assert "provider must be Ray's fake_multinode" in capsys.readouterr().err
+    for action in ("status", "kill-node"):
+        assert localcluster.main([action, "--dir", str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no local cluster runs in" in err

@@ -14,10 +14,12 @@ import torch
 from boatray import config, models, preflight
 from boatray.cluster import Capacity
 from boatray.errors import BoatrayError
+from boatray.nodetypes import NodeType
 
 REPO = Path(__file__).resolve().parents[1]
 LAPTOP = Capacity([{"CPU": 2.0}])
-GPU_CLUSTER = Capacity([{"CPU": 4.0, "trial_driver": 8.0}], [({"CPU": 8.0, "GPU": 1.0}, 4)])
+GPU_CLUSTER = Capacity([{"CPU": 4.0, "trial_driver": 8.0}],
+                       [NodeType("gpu_1x", {"CPU": 8.0, "GPU": 1.0}, 4)])
 
 
 def lab6(*overrides: str):
@@ -65,8 +67,16 @@ def test_concurrency_is_capped_at_what_the_cluster_holds():
 def test_capacity_counts_live_nodes_and_autoscalable_types():
     assert GPU_CLUSTER.slots({"CPU": 2.0, "GPU": 1.0}) == 4
     assert GPU_CLUSTER.slots({"CPU": 2.0}) == 2 + 4 * 4
-    assert Capacity([], [({"CPU": 8.0}, -1)]).slots({"CPU": 1.0}) == float("inf")
+    assert Capacity([], [NodeType("cpu", {"CPU": 8.0}, -1)]).slots({"CPU": 1.0}) == float("inf")
     assert GPU_CLUSTER.largest("GPU") == 1 and GPU_CLUSTER.gpus_now() == 0
+
+
+def test_capacity_says_where_a_request_can_run():
+    assert GPU_CLUSTER.where({"CPU": 2.0, "GPU": 1.0}) == (
+        "gpu_1x nodes the autoscaler adds (up to 4)")
+    assert GPU_CLUSTER.where({"CPU": 2.0}) == (
+        "1 live node(s) or gpu_1x nodes the autoscaler adds (up to 4)")
+    assert LAPTOP.where({"CPU": 4.0}) == "no node"
 
 
 def test_weights_without_internet_are_one_line_naming_both_ways_out(monkeypatch, tmp_path):
