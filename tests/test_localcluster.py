@@ -259,6 +259,8 @@ def test_a_node_lost_mid_trial_and_mid_extraction_needs_no_resume(cluster):
     status, shown = cluster.finish(job)
     timeline = cluster.timeline.report("node-loss job")
     assert status == "SUCCEEDED", shown
+    assert re.search(r"\[sweep\] trial \S+ failed \(\w+\); Tune restarts it from its last "
+                     r"checkpoint \(retry 1 of 1\)", cluster.logs(job)), shown
     # the trial: once, every epoch, epoch 1 on the lost node, the rest resumed elsewhere
     trials = pd.read_parquet(results / "trials.parquet")
     assert trials["trial_id"].nunique() == 1, trials
