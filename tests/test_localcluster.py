@@ -223,7 +223,7 @@ def test_the_readme_smoke_job_scales_workers_from_zero_and_back(cluster):
     # what the autoscaler can add, and where each stage runs
     assert "the autoscaler can add cpu_2x {CPU: 2} x 2" in plan, plan[-5000:]
     added = "cpu_2x nodes the autoscaler adds (up to 2)"
-    for where in ("each sweep trial trains in its own process of {CPU: 1}",
+    for where in ("each finetune and baseline run trains in its own process of {CPU: 1}",
                   "each feature-extraction actor takes {CPU: 0.5}"):
         assert re.search(rf"\[plan\] where: {re.escape(where)}: on .*{re.escape(added)}",
                          plan), plan[-5000:]
