@@ -14,9 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from boatray import freezing, models, storage
+from boatray import freezing, models, precision, storage
 from boatray.backbones.weightfiles import looks_like_file
 from boatray.errors import BoatrayError
 from boatray.results import Layout
@@ -66,7 +64,7 @@ class TrainConfig:
     """One fine-tuning run: the Ray Train worker loop's settings."""
 
     epochs: int = option(10, min=1)
-    batch_size: int = option(32, min=1)
+    batch_size: int | str = option(32, min=1, words=("auto",))  # auto: sizing.py
     optimizer: str = option("adam", choices=("adam", "adamw", "sgd"))
     lr: float = option(1e-3, above=0.0)
     weight_decay: float = option(0.0, min=0.0)
@@ -81,7 +79,7 @@ class TrainConfig:
     lr_decay: float = option(1.0, min=0.0, max=1.0)
     class_weighted_loss: bool = False
     balanced_sampler: bool = False
-    amp: bool = True
+    amp: bool | str = option("auto", choices=precision.AMP_CHOICES)  # precision.py
     channels_last: bool = True
     compile: bool = False
     cache_prefix: bool = True
@@ -142,15 +140,16 @@ class FeaturesConfig:
     """Ray Data feature extraction with the backbone trunk."""
 
     enabled: bool = True
-    batch_size: int = option(64, min=1)
+    batch_size: int | str = option("auto", min=1, words=("auto",))  # auto: sizing.py
     num_actors: int | None = option(None, min=1)
     cpus_per_actor: float = option(1.0, min=0.0)
     threads_per_actor: int | None = option(None, min=1)  # None: the node's cores / actors
     use_gpu: bool | str = option(False, choices=DEVICES)
     stage: str = option("pool", choices=models.all_cut_points())  # checked against the model
     dtype: str = option("float32", choices=("float32", "float16"))
-    amp: bool = True  # bf16 autocast on GPU
+    amp: bool | str = option("auto", choices=precision.AMP_CHOICES)  # precision.py
     channels_last: bool = True
+    gpu_decode: bool = True  # GPU actors decode JPEGs on their GPU (nvJPEG); else CPU tasks
     compile: bool = False  # torch.compile (freezing) per actor: ~30 s once, then faster
 
 
@@ -277,6 +276,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
          data: str | None = None, base: Path | None = None) -> Experiment:
     """Load an experiment from YAML (None: the built-in smoke preset) plus `a.b=value` overrides
     and a data source; every local path in it is made absolute here (`absolute_paths`)."""
+    import yaml  # here, not at the top: the Ray-free steps (benchmarks/gpu_check.py) have none
+
     raw = _read_yaml(Path(path) if path is not None else preset_path("smoke"))
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -352,6 +353,8 @@ def from_dict(raw: dict) -> Experiment:
 
 
 def _read_yaml(path: Path) -> dict:
+    import yaml
+
     if not path.is_file():
         raise BoatrayError(f"config file not found: {path}")
     try:

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from boatray import approaches, export, storage
+from boatray import approaches, export, precision, storage
 from boatray.data import images
 from boatray.data.imagefiles import Exclusions, is_hidden, is_image_name, keep_intact
 from boatray.data.manifest import read_manifest
@@ -53,25 +53,30 @@ def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
 
 
 def predict_proba(model: torch.nn.Module, dataset: images.ImageDataset, *, batch_size: int = 32,
-                  device: torch.device | str = "cpu", loader_workers: int = 0) -> np.ndarray:
+                  device: torch.device | str = "cpu", loader_workers: int = 0,
+                  amp: bool | str = "auto") -> np.ndarray:
     """Class probabilities (n, classes) of every image of `dataset`, in its order.
 
-    On a GPU: bf16 autocast and channels_last, as in training.
+    With bf16 autocast (`amp`, as in training: `auto` where the device runs bf16 natively,
+    precision.py) the model also runs channels_last.
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last if on_gpu
+    amp = precision.uses_bf16(amp, device)
+    model = model.to(device, memory_format=torch.channels_last if amp
                      else torch.preserve_format)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers,
                         pin_memory=on_gpu)
-    logits, _ = predict_logits(model, loader, device, amp=on_gpu, channels_last=on_gpu)
+    logits, _ = predict_logits(model, loader, device, amp=amp, channels_last=amp)
     return torch.softmax(logits.double(), dim=1).numpy()
 
 
 def predict_checkpoint(checkpoint: str | Path, manifest: str | Path,
                        splits: Sequence[str] = ("valid", "test"), batch_size: int = 32,
-                       use_gpu: bool = False, loader_workers: int = 0) -> pd.DataFrame:
-    """The predictions table of a checkpoint on the given splits of a manifest."""
+                       use_gpu: bool = False, loader_workers: int = 0,
+                       amp: bool | str = "auto") -> pd.DataFrame:
+    """The predictions table of a checkpoint on the given splits of a manifest (`amp`: the
+    run's `train.amp`)."""
     with local_checkpoint(checkpoint) as directory:
         model, meta = load_model(directory)
     frame, classes = read_manifest(manifest)
@@ -83,7 +88,7 @@ def predict_checkpoint(checkpoint: str | Path, manifest: str | Path,
     dataset = images.ImageDataset(rows.path.tolist(), rows.label_idx.tolist(),
                                   tuple(meta["image_size"]))
     proba = predict_proba(model, dataset, batch_size=batch_size, device=device_for(use_gpu),
-                          loader_workers=loader_workers)
+                          loader_workers=loader_workers, amp=amp)
     return predictions_frame(rows.path, rows.split, rows.label_idx, proba, classes)
 
 
@@ -128,10 +133,12 @@ def predict_folder(model: export.Model, folder: str | Path, batch_size: int = 32
     dataset = images.ImageDataset([str(p) for p in paths], labels, model.image_size)
     device = device_for(use_gpu)
     on_gpu = device.type == "cuda"
+    amp = precision.uses_bf16("auto", device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers,
                         pin_memory=on_gpu)
-    outputs, _ = predict_logits(model.network.to(device), loader, device, amp=on_gpu,
-                               channels_last=False)
+    network = model.network.to(device, memory_format=torch.channels_last if amp
+                               else torch.preserve_format)
+    outputs, _ = predict_logits(network, loader, device, amp=amp, channels_last=amp)
     return predictions_frame([str(p) for p in paths], FOLDER_SPLIT, labels,
                              model.proba(outputs), classes), exclusions
 

@@ -237,7 +237,10 @@ def host_info() -> dict[str, Any]:
     try:
         import torch
 
+        from boatray.precision import cpu_bf16
+
         info["torch"] = torch.__version__
+        info["cpu_bf16"] = cpu_bf16() or "none"  # amp: auto computes in bf16 on such CPUs
         info["gpus"] = torch.cuda.device_count()
         if info["gpus"]:
             info["gpu_name"] = torch.cuda.get_device_name(0)

@@ -128,10 +128,10 @@ def _check(key: str, value: Any, meta: typing.Mapping) -> Any:
         if item not in each:
             raise BoatrayError(f"{key} entries must be among {', '.join(each)}; got {item!r}")
     words = meta.get("words")
-    for item in value if words is not None and isinstance(value, list) else ():
+    for item in (value if isinstance(value, list) else [value]) if words is not None else ():
         if isinstance(item, str) and item not in words:
-            raise BoatrayError(f"{key} entries must be numbers or {', '.join(words)}; "
-                               f"got {item!r}")
+            what = "entries must be numbers" if isinstance(value, list) else "must be a number"
+            raise BoatrayError(f"{key} {what} or {', '.join(words)}; got {item!r}")
     if meta.get("folder_name") and (not value or value in (".", "..")
                                     or any(c in value for c in "/\\\0")):
         raise BoatrayError(f"{key} must be a plain folder name (no '/', not '.' or '..'), "

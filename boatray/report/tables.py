@@ -308,7 +308,7 @@ def histories(study: LoadedResults) -> pd.DataFrame:
 
 
 HOST_FIELDS = ("hostname", "platform", "python", "torch", "ray", "gpus", "gpu_name", "nodes",
-               "cluster_gpus")
+               "cluster_gpus", "cpu_bf16")
 
 
 def environment(study: LoadedResults) -> pd.DataFrame:
