@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from boatray import approaches, models
+from boatray import approaches, models, precision, sizing
 from boatray.cluster import Capacity, cluster_capacity, shown
 from boatray.config import Experiment
 from boatray.errors import BoatrayError
+from boatray.finetune.prefix_cache import cached_stage
 from boatray.finetune.trainer import worker_resources
 from boatray.finetune.tuning import TRIAL_CPU
 
@@ -42,7 +43,7 @@ def check(exp: Experiment, weights: bool = True) -> tuple[Experiment, Capacity]:
     capacity = cluster_capacity()
     exp, devices = resolve_devices(exp, capacity)
     exp, capped = check_resources(exp, capacity)
-    for line in devices + capped:
+    for line in [*devices, compute_line(exp), *capped]:
         print(f"[boatray] {line}", flush=True)
     if weights:
         models.fetch_weights(exp.model.name, exp.model.weights)
@@ -66,6 +67,21 @@ def resolve_devices(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
             sections[section] = dataclasses.replace(cfg, use_gpu=has_gpu)
             lines.append(f"{section}.use_gpu=auto: {'GPUs' if has_gpu else 'CPUs'}, as {why}")
     return dataclasses.replace(exp, **sections), lines
+
+
+def compute_line(exp: Experiment) -> str:
+    """The device line: what training and extraction compute in (precision.py's `amp`)."""
+    train = precision.describe(exp.train.amp, exp.train.use_gpu is True, exp.train.channels_last)
+    features = precision.describe(exp.features.amp, exp.features.use_gpu is True,
+                                  exp.features.channels_last)
+    settings = f"train.amp={_yaml(exp.train.amp)}, features.amp={_yaml(exp.features.amp)}"
+    if train == features:
+        return f"compute: {train} ({settings})"
+    return f"compute: training {train}; extraction {features} ({settings})"
+
+
+def _yaml(value: bool | str) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _worker_share(exp: Experiment) -> dict[str, float]:
@@ -104,6 +120,9 @@ def check_resources(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
             f"--set train.num_workers={max(1, int(workers))}")
     if not exp.sweep.enabled:
         return exp, []
+    if _head_trials_share_gpus(exp):  # the smallest trial: a share of a GPU
+        worker = {**worker, "GPU": sizing.HEAD_TRIAL_GPU}
+        workers = capacity.slots({**_worker_share(exp), "GPU": sizing.HEAD_TRIAL_GPU})
     at_once = workers // max(1, exp.train.num_workers)
     wanted = exp.sweep.max_concurrent_trials
     if at_once >= wanted:
@@ -113,6 +132,14 @@ def check_resources(exp: Experiment, capacity: Capacity) -> tuple[Experiment, li
     return dataclasses.replace(exp, sweep=sweep), [
         f"sweep.max_concurrent_trials={wanted} -> {held}: the cluster holds {held} trial(s) of "
         f"{exp.train.num_workers} x {shown(worker)} at once"]
+
+
+def _head_trials_share_gpus(exp: Experiment) -> bool:
+    """Whether some sweep trials train the head alone on cached features in their own process
+    on GPUs, asking for a share of one (tuning.trial_resources)."""
+    return exp.train.use_gpu is True and exp.train.num_workers <= 1 and any(
+        cached_stage(dataclasses.replace(exp, train=dataclasses.replace(
+            exp.train, freeze=freeze)))[0] == "pool" for freeze in exp.sweep.freeze)
 
 
 def _check_one(request: Request, capacity: Capacity) -> None:
@@ -209,6 +236,7 @@ def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[st
         lines.append(step.line)
         if step.flops:
             flops[approach.stage] = step.flops
+    lines.append(sizing.describe(exp.train, exp.features))
     lines.append("stage report: report.md and report.html")
     lines += placement(exp, images, capacity)
     lines.append("compute estimate: " + ", ".join(

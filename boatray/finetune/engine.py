@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from boatray import freezing
+from boatray import freezing, precision, sizing
 from boatray.config import Experiment, TrainConfig
 from boatray.data import decoded, images
 from boatray.data.decoded import MappedSplit
@@ -110,6 +111,34 @@ def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, **args
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, **args)
 
 
+class PinnedPrefetch:
+    """A loader's batches read one ahead on a background thread into pinned (page-locked)
+    memory: reading the next batch overlaps the step on this one, and the copy to the GPU
+    (`non_blocking`) does not stall the host. For loaders without worker processes (the
+    memory-mapped caches) feeding a GPU; tensors already on a device pass as they are."""
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+
+        def next_pinned() -> list | None:
+            batch = next(batches, None)
+            return None if batch is None else [
+                t.pin_memory() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
+                for t in batch]
+
+        with ThreadPoolExecutor(1, thread_name_prefix="boatray-prefetch") as pool:
+            pending = pool.submit(next_pinned)
+            while (batch := pending.result()) is not None:
+                pending = pool.submit(next_pinned)
+                yield batch
+
+
 def run_datasets(exp: Experiment, frame, cache: str | None
                  ) -> tuple[Dataset, Dataset, str | None]:
     """(train set, valid set, cut point) of a run: images and None, or with a frozen-prefix
@@ -157,9 +186,6 @@ def device_for(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu else "cpu")
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -187,22 +213,28 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module,
     Frozen BatchNorm layers stay in eval mode (`freezing.train_mode`).
     """
     freezing.train_mode(model)
-    loss_sum, correct, count = 0.0, 0, 0
+    # running sums stay on the device, read once after the epoch: reading them per step would
+    # make the host wait for the GPU at every batch (float64: the same sums as Python floats)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
     start = time.perf_counter()
     for batch, labels in loader:
         inputs = to_input(batch, device, channels_last)
         labels = labels.to(device, non_blocking=True)
-        with _autocast(device, amp):
+        with precision.autocast(device, amp):
             logits = model(inputs)
         loss = criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
+        loss_sum += loss.detach().double() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = max_over_ranks(time.perf_counter() - start, device)
-    loss_sum, correct, count = _sum_over_ranks([loss_sum, correct, count], device)
+    loss_sum, correct, count = _sum_over_ranks([loss_sum.item(), correct.item(), count], device)
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1),
             "images": int(count), "seconds": seconds,
             "images_per_second": count / seconds if seconds > 0 else 0.0}
@@ -215,7 +247,7 @@ def predict_logits(model: nn.Module, loader: Iterable, device: torch.device, *, 
     model.eval()
     logits, labels = [], []
     for batch, target in loader:
-        with _autocast(device, amp):
+        with precision.autocast(device, amp):
             logits.append(model(to_input(batch, device, channels_last)).float().cpu())
         labels.append(torch.as_tensor(target).cpu())
     if not logits:
@@ -247,6 +279,37 @@ def evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, device: t
     return {"loss": loss, "accuracy": float((predicted == labels).float().mean()),
             "macro_f1": float(f1_score(labels.numpy(), predicted.numpy(), average="macro",
                                        zero_division=0))}
+
+
+def input_example(dataset: Dataset, image_size: Sequence[int]) -> torch.Tensor:
+    """One input of `dataset` as it enters the model, without drawing random numbers: a
+    cached row (activations or decoded pixels), or uint8 zeros of an image's shape."""
+    if isinstance(dataset, MappedSplit):
+        return dataset[[0]][0][0]
+    return torch.zeros((3, *image_size), dtype=torch.uint8)
+
+
+def auto_batch_size(network: nn.Module, module: nn.Module, spec: str, example: torch.Tensor,
+                    device: torch.device, *, amp: bool, channels_last: bool) -> int:
+    """`train.batch_size: auto` on a GPU (sizing.py): the largest candidate whose trial step
+    (forward and backward of `network` on zeros shaped like `example`, `module` frozen at
+    `spec`) fits; the smallest over every rank. The model is left as it was: eval mode keeps
+    BatchNorm's statistics, the gradients are dropped, no random number is drawn."""
+    freezing.freeze(module, spec)
+    network.eval()
+
+    def step(size: int) -> None:
+        inputs = to_input(torch.zeros((size, *example.shape), dtype=example.dtype), device,
+                          channels_last)
+        try:
+            with precision.autocast(device, amp):
+                network(inputs).float().sum().backward()
+        finally:
+            for param in module.parameters():
+                param.grad = None
+
+    size = sizing.largest_fitting(step, device)
+    return int(-max_over_ranks(-size, device))
 
 
 # ---------------------------------------------------------------- optimisation

@@ -13,19 +13,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from boatray import freezing, models, weightstore
+from boatray import freezing, models, precision, weightstore
 from boatray.config import Experiment, from_dict
 from boatray.data.decoded import DecodedImages
 from boatray.data.manifest import read_manifest
 from boatray.finetune import sessions
 from boatray.finetune.checkpoints import restore_checkpoint, save_checkpoint
 from boatray.finetune.engine import (
+    PinnedPrefetch,
     ShardSampler,
+    auto_batch_size,
     broadcast_buffers,
     class_weights,
     device_for,
     evaluate,
     freeze_spec_at,
+    input_example,
     make_loader,
     make_scheduler,
     max_over_ranks,
@@ -35,6 +38,7 @@ from boatray.finetune.engine import (
     step_scheduler,
     train_one_epoch,
 )
+from boatray.sizing import fixed_train_batch
 
 
 def loop_config(exp: Experiment, manifest: str | Path, cache: str | None) -> dict:
@@ -57,9 +61,22 @@ def train_loop(config: dict, session: sessions.Session) -> None:
     # Built right after seeding: every rank, and prefix_cache.prefix_model, draw the same init.
     module = models.build(exp.model.name, exp.model.weights, len(classes), exp.model.pooling)
     on_gpu = device.type == "cuda"
-    amp, channels_last = cfg.amp and on_gpu, cfg.channels_last and on_gpu
+    # bf16 autocast where the device runs it natively (precision.py); channels_last with it,
+    # and on GPUs (an fp32 CPU trains contiguous tensors, as it always did)
+    amp = precision.uses_bf16(cfg.amp, device)
+    channels_last = cfg.channels_last and (on_gpu or amp)
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed image size: pick the fastest kernels
 
     train_set, valid_set, cut = run_datasets(exp, frame, config.get("prefix_cache"))
+    module = module.to(device, memory_format=torch.channels_last if channels_last
+                       else torch.preserve_format)
+    network = module if cut is None else models.suffix(module, cut)  # what runs on the data
+    batch_size = fixed_train_batch(cfg)
+    if cfg.batch_size == "auto" and on_gpu:
+        batch_size = auto_batch_size(network, module, freeze_spec_at(cfg, cfg.epochs - 1),
+                                     input_example(train_set, exp.data.image_size), device,
+                                     amp=amp, channels_last=channels_last)
     weights = class_weights(train_set.labels, len(classes))
     train_sampler = ShardSampler(
         len(train_set), rank, world, seed=cfg.seed,
@@ -67,18 +84,17 @@ def train_loop(config: dict, session: sessions.Session) -> None:
     valid_sampler = ShardSampler(len(valid_set), rank, world, shuffle=False, pad=False)
     # a cache is read a memory-mapped batch at a time: on a CPU, loader processes would only
     # add their start-up (seconds each) and take cores from the training step; decoded images
-    # are read faster than loader processes could hand them over
+    # are read faster than loader processes could hand them over (on a GPU, a thread reads
+    # them ahead into pinned memory)
     decoded = isinstance(train_set, DecodedImages)
     workers = 0 if decoded or (cut is not None and not on_gpu) else cfg.loader_workers
     loader_args = {"num_workers": workers, "persistent_workers": workers > 0,
-                   "pin_memory": on_gpu}
+                   "pin_memory": on_gpu and workers > 0}
     train_loader, valid_loader = (session.prepare_loader(
-        make_loader(dataset, sampler, cfg.batch_size, **loader_args))
+        make_loader(dataset, sampler, batch_size, **loader_args))
         for dataset, sampler in ((train_set, train_sampler), (valid_set, valid_sampler)))
-
-    module = module.to(device, memory_format=torch.channels_last if channels_last
-                       else torch.preserve_format)
-    network = module if cut is None else models.suffix(module, cut)  # what runs on the data
+    if on_gpu and workers == 0:
+        train_loader, valid_loader = PinnedPrefetch(train_loader), PinnedPrefetch(valid_loader)
     optimizer = optimizer_over_all_stages(module, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if cfg.class_weighted_loss
@@ -119,6 +135,7 @@ def train_loop(config: dict, session: sessions.Session) -> None:
                    "train_accuracy": trained["accuracy"], "valid_loss": valid["loss"],
                    "valid_accuracy": valid["accuracy"], "valid_macro_f1": valid["macro_f1"],
                    "lr": lr, "images_per_second": trained["images_per_second"],
+                   "batch_size": batch_size,
                    "epoch_seconds": max_over_ranks(time.perf_counter() - began, device),
                    "trainable_parameters": sum(p.numel() for p in module.parameters()
                                                if p.requires_grad), **session.placement(module)}

@@ -19,6 +19,7 @@ from boatray.finetune import prefix_cache
 from boatray.finetune.checkpoints import read_meta
 from boatray.finetune.trainer import fit
 from boatray.results import RunRecord, write_run
+from boatray.sizing import fixed_train_batch
 
 
 def run(exp: Experiment, manifest: str | Path, run_dir: str | Path, record: dict) -> Path:
@@ -83,5 +84,6 @@ def _evaluate_checkpoint(checkpoint, manifest: str, cfg: TrainConfig):
     """(valid + test predictions, per-epoch history) of a ray.train.Checkpoint."""
     with checkpoint.as_directory() as directory:
         return (predict.predict_checkpoint(directory, manifest, ("valid", "test"),
-                                           cfg.batch_size, cfg.use_gpu, cfg.loader_workers),
+                                           fixed_train_batch(cfg), cfg.use_gpu,
+                                           cfg.loader_workers, cfg.amp),
                 read_meta(directory)["history"])

@@ -79,10 +79,11 @@ def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
 
 
-def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+def worker_resources(cfg: TrainConfig, gpu_share: float = 1.0) -> dict[str, float]:
     """What one training worker asks for: its CPUs and GPU (Ray's resource names; Tune takes
-    them for a trial that trains in its own process)."""
-    return {"CPU": cfg.cpus_per_worker, "GPU": 1.0 if cfg.use_gpu else 0.0}
+    them for a trial that trains in its own process; `gpu_share` of a GPU: trials on cached
+    features share one)."""
+    return {"CPU": cfg.cpus_per_worker, "GPU": gpu_share if cfg.use_gpu else 0.0}
 
 
 @dataclass

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.execution.placement_groups import (
+    PlacementGroupFactory,
+    resource_dict_to_pg_factory,
+)
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from boatray import console, interrupt, storage
+from boatray import console, interrupt, sizing, storage
 from boatray.config import Experiment
 from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache
@@ -46,15 +51,28 @@ TRIAL_CPU = 0.01
 """The CPU of a trial's own process while it drives a Train run (whose workers hold the rest)."""
 
 
-def trial_resources(exp: Experiment) -> dict[str, float]:
+def trial_resources(exp: Experiment, caches: dict[str, str | None] | None = None
+                    ) -> dict[str, float] | Callable[[dict], PlacementGroupFactory]:
     """What a trial's own process asks for.
 
-    Training in it: one worker's CPUs and GPU. Driving a Train run: `sweep.trial_resource`
-    names a custom resource, e.g. `trial_driver` on a cluster's head node (cluster.yaml), one
-    unit per trial; otherwise a sliver of a CPU.
+    Training in it: one worker's CPUs and GPU, or on GPUs, per trial: a share of a GPU
+    (sizing.HEAD_TRIAL_GPU) for a trial that trains the head alone on its cached pooled
+    features (`caches`: `sweep_caches`), a whole one otherwise. Driving a Train run:
+    `sweep.trial_resource` names a custom resource, e.g. `trial_driver` on a cluster's head
+    node (cluster.yaml), one unit per trial; otherwise a sliver of a CPU.
     """
     if in_trial_process(exp):
-        return worker_resources(exp.train)
+        if exp.train.use_gpu is not True or not caches:
+            return worker_resources(exp.train)
+
+        def per_trial(config: dict) -> PlacementGroupFactory:
+            on_features = (caches.get(_cache_slot(config["freeze"], config["repeat"]))
+                           and prefix_cache.cached_stage(trial_experiment(exp, config))[0]
+                           == "pool")
+            share = sizing.HEAD_TRIAL_GPU if on_features else 1.0
+            return resource_dict_to_pg_factory(worker_resources(exp.train, share))
+
+        return per_trial
     if exp.sweep.trial_resource:
         return {exp.sweep.trial_resource: 1.0}
     return {"CPU": TRIAL_CPU}
@@ -204,7 +222,7 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.Res
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, experiment=exp, manifest=str(manifest),
                              train_storage=storage.join(root, Layout.TRAIN), caches=caches),
-        trial_resources(exp))
+        trial_resources(exp, caches))
     if restore:
         print(f"[sweep] resuming {tune_path}", flush=True)
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
