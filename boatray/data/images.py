@@ -8,6 +8,9 @@ so that uint8 tensors (4x smaller than float32) cross process and host-to-device
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,16 +55,83 @@ def decode_batch(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_on(paths: Sequence[str], size: tuple[int, int], device: torch.device
+              ) -> tuple[torch.Tensor, list[str]]:
+    """Decode and resize many images on `device`: uint8 (n, 3, height, width) there, and per
+    image '' or why it could not be decoded (its pixels then stay zero).
+
+    JPEGs go through `torchvision.io.decode_jpeg` on that device (nvJPEG on a GPU) and are
+    resized there (bilinear with antialiasing, like PIL's); whatever it cannot decode (other
+    formats, CMYK) goes through `decode` (PIL). On a CPU the pixels equal `decode`'s for JPEGs
+    already at `size` (both are libjpeg-turbo) and lie within a few levels of them resized.
+    """
+    from torchvision.transforms.v2.functional import resize
+
+    out = torch.zeros((len(paths), 3, *size), dtype=torch.uint8, device=device)
+    errors = [""] * len(paths)
+    files = {}
+    for i, path in enumerate(paths):
+        try:
+            files[i] = np.fromfile(path, dtype=np.uint8)
+        except OSError as exc:
+            errors[i] = f"cannot decode image {path}: {exc}"
+    decoded = _decode_jpegs({i: data for i, data in files.items()
+                             if data[:3].tobytes() == JPEG_MAGIC}, device)
+    for i in files:
+        try:
+            out[i] = (to_chw(decode(str(paths[i]), size)).to(device) if i not in decoded
+                      else decoded[i] if tuple(decoded[i].shape[1:]) == tuple(size)
+                      else resize(decoded[i], list(size), antialias=True))
+        except BoatrayError as exc:
+            errors[i] = str(exc)
+    return out, errors
+
+
+def _decode_jpegs(jpegs: dict[int, np.ndarray], device: torch.device
+                  ) -> dict[int, torch.Tensor]:
+    """RGB uint8 (3, h, w) on `device` of each JPEG torchvision decodes (all in one call where
+    they all decode); none where torchvision has no image decoding (deprecated in 0.29 in
+    favour of TorchCodec)."""
+    with warnings.catch_warnings():  # torchvision's deprecation notice is not boatray's
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError:
+            return {}
+        data = {i: torch.from_numpy(raw) for i, raw in jpegs.items()}
+        try:
+            return dict(zip(data, decode_jpeg(list(data.values()), mode=ImageReadMode.RGB,
+                                              device=device))) if data else {}
+        except RuntimeError:  # one bad JPEG fails the batch: each alone
+            found = {}
+            for i, raw in data.items():
+                with contextlib.suppress(RuntimeError):
+                    found[i] = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+            return found
+
+
 def to_chw(hwc: np.ndarray) -> torch.Tensor:
     """A uint8 (..., h, w, 3) array as a uint8 (..., 3, h, w) tensor (no copy of the pixels)."""
     tensor = torch.from_numpy(np.ascontiguousarray(hwc))
     return tensor.movedim(-1, -3)
 
 
+@functools.cache
+def _scale(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's mean and std (x 255) as tensors on `device`, made once per device:
+    building them per batch would copy them from the host, a stall on a GPU."""
+    with torch.inference_mode(False):  # plain tensors, usable in and out of inference mode
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
+    return mean, std
+
+
 def normalize(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 (n, 3, h, w) on any device to float32, scaled to [0, 1] and ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255.0
+    mean, std = _scale(batch.device)
     out = (batch.float() - mean) / std
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import ray
 import torch
 from torch import nn
 
 from boatray import config as config_module
-from boatray import console, export, models, weightstore
-from boatray.cluster import only_this_node, start_ray, works_here
+from boatray import export, models, precision, sizing, weightstore
 from boatray.config import Experiment, FeaturesConfig, ModelConfig
-from boatray.data.images import decode, normalize, to_chw
+from boatray.data.images import decode, decode_on, normalize, to_chw
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
 from boatray.features.featurefile import stats_path, write_features
@@ -55,6 +53,17 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str
             "decode_seconds": np.full(len(images), share)}
 
 
+def decode_rows_on(batch: dict[str, np.ndarray], size: tuple[int, int],
+                   device: torch.device) -> dict:
+    """`decode_rows` on a device (`images.decode_on`: nvJPEG on a GPU): `image` is a uint8
+    (n, 3, h, w) tensor there."""
+    started = time.perf_counter()
+    pixels, errors = decode_on([str(p) for p in batch["path"]], size, device)
+    share = (time.perf_counter() - started) / max(len(pixels), 1)
+    return {**{c: batch[c] for c in COLUMNS}, "image": pixels, "error": np.array(errors),
+            "decode_seconds": np.full(len(pixels), share)}
+
+
 class TrunkRunner:
     """Actor: the trunk on its device; uint8 images in, flattened features out.
 
@@ -63,18 +72,30 @@ class TrunkRunner:
     own process (`trunk_batches` on a small input), the trunk itself. With `compile` the trunk
     runs under torch.compile with inductor's `freezing`; if compiling fails (no C++ compiler
     on the node, an unsupported op), the actor says so in one line and goes on eager.
+
+    `amp` is `features.amp` (precision.py decides for this actor's device); with `decode_size`
+    the actor decodes its rows itself: on its GPU with `gpu_decode` (nvJPEG), else with PIL.
+    On a GPU, a batch that does not fit runs in halves (then quarters...), and later batches
+    in parts of the size that fitted: `features.batch_size: auto` (sizing.py).
     """
 
-    def __init__(self, trunk: list | nn.Module, use_gpu: bool, amp: bool, channels_last: bool,
-                 threads: int | None, dtype: str, compile: bool = False,
-                 decode_size: tuple[int, int] | None = None) -> None:
-        trunk = ray.get(trunk[0]) if isinstance(trunk, list) else trunk
+    def __init__(self, trunk: list | nn.Module, use_gpu: bool, amp: bool | str,
+                 channels_last: bool, threads: int | None, dtype: str, compile: bool = False,
+                 decode_size: tuple[int, int] | None = None, gpu_decode: bool = False) -> None:
+        if isinstance(trunk, list):
+            import ray
+
+            trunk = ray.get(trunk[0])
         self.decode_size = decode_size  # rows in: the actor decodes them itself first
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.amp = amp and use_gpu
+        self.gpu_decode = gpu_decode and use_gpu
+        if use_gpu:
+            torch.backends.cudnn.benchmark = True  # fixed image size: the fastest kernels
+        self.amp = precision.uses_bf16(amp, self.device)
         self.channels_last = channels_last
+        self.part: int | None = None  # images per trunk call, once a batch did not fit
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.eager = trunk.to(self.device, memory_format=memory_format).eval()
         # freezing: the weights become constants, so inductor folds BatchNorm into the convs
@@ -82,16 +103,16 @@ class TrunkRunner:
         self.trunk = torch.compile(self.eager, options={"freezing": True}) if compile else (
             self.eager)
         self.dtype = np.dtype(dtype)
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        ray = sys.modules.get("ray")  # not imported: not in a Ray process (the GPU check's core)
+        self.node = ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else ""
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
-                                                    enabled=self.amp):
+        with torch.inference_mode(), precision.autocast(self.device, self.amp):
             inputs = normalize(images, self.channels_last)
             try:
                 return self.trunk(inputs)
             except Exception as exc:  # torch.compile's failures have no common type
-                if self.trunk is self.eager:
+                if self.trunk is self.eager or isinstance(exc, torch.cuda.OutOfMemoryError):
                     raise
                 print(f"[features] torch.compile failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); running eager",
@@ -99,17 +120,34 @@ class TrunkRunner:
                 self.trunk = self.eager
                 return self.trunk(inputs)
 
+    def _features(self, images: torch.Tensor) -> np.ndarray:
+        """Flattened trunk outputs as `dtype`, in parts that fit the device."""
+        while True:
+            part = self.part or len(images)
+            try:
+                return np.concatenate([
+                    self._forward(images[i:i + part]).float().flatten(1).cpu().numpy()
+                    for i in range(0, len(images), part)]).astype(self.dtype)
+            except torch.cuda.OutOfMemoryError:
+                if part == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.part = (part + 1) // 2
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Features of a `decode_rows` batch (or of rows, with `decode_size`); each row carries
         its share of the batch's time on the trunk (`trunk_seconds`) beside that of decoding."""
         if self.decode_size is not None:
-            batch = decode_rows(batch, self.decode_size)
+            batch = (decode_rows_on(batch, self.decode_size, self.device) if self.gpu_decode
+                     else decode_rows(batch, self.decode_size))
         started = time.perf_counter()
         ok = batch["error"] == ""
         out = None
         if ok.any():
-            images = to_chw(batch["image"][ok]).to(self.device, non_blocking=True)
-            out = self._forward(images).float().flatten(1).cpu().numpy().astype(self.dtype)
+            pixels = batch["image"]
+            images = (pixels[torch.from_numpy(ok).to(pixels.device)] if torch.is_tensor(pixels)
+                      else to_chw(pixels[ok]).to(self.device, non_blocking=True))
+            out = self._features(images)
         features = np.zeros((len(ok), out.shape[1] if out is not None else 0), self.dtype)
         if out is not None:
             features[ok] = out
@@ -127,6 +165,8 @@ def output_shape(trunk: nn.Module, image_size: tuple[int, int]) -> tuple[int, ..
 
 def actor_count(cfg: FeaturesConfig) -> int:
     """`features.num_actors`, else one per GPU of the cluster, else one per CPU node."""
+    import ray
+
     if cfg.num_actors:
         return cfg.num_actors
     if cfg.use_gpu:
@@ -247,6 +287,8 @@ def runs_here(rows: int, cfg: FeaturesConfig) -> bool:
     input or where Ray has no node but this one (or is not running), if this node takes work
     (a head kept for drivers does not). An actor would do the same work on the same cores after
     starting and receiving the model (about 20 s with 2 cores)."""
+    from boatray.cluster import only_this_node, works_here
+
     if cfg.use_gpu or cfg.num_actors not in (None, 1):
         return False
     return (rows <= SMALL_INPUT and works_here()) or only_this_node()
@@ -262,10 +304,15 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
     the pipeline's settings (`actors`, `threads_per_actor`, `compile`, `fused_decode`,
     `in_process`).
     """
+    cfg = sizing.resolved_features(cfg)  # `auto`: the rows per batch for this device
     if runs_here(len(frame), cfg):
         return _batches_here(frame, trunk, cfg, image_size), {
             "actors": 1, "threads_per_actor": torch.get_num_threads(), "compile": cfg.compile,
             "fused_decode": True, "in_process": True}
+    import ray  # here: the in-process steps above run where Ray is not installed
+
+    from boatray.cluster import start_ray
+
     start_ray()
     actors = actor_count(cfg)
     nodes = max(1, sum(1 for n in ray.nodes() if n["Alive"]))
@@ -278,9 +325,9 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
     rows = frame[list(COLUMNS)].reset_index(drop=True)
     dataset = ray.data.from_items(rows.to_dict("records"), override_num_blocks=blocks)
     dataset.context.execution_options.preserve_order = True
-    # on CPUs each actor decodes its own rows (no second operator to hold CPUs); with GPUs,
-    # CPU tasks decode in parallel for the GPU actors
-    fused_decode = not cfg.use_gpu
+    # on CPUs each actor decodes its own rows (no second operator to hold CPUs), as does a
+    # GPU actor on its GPU (features.gpu_decode); else CPU tasks decode for the GPU actors
+    fused_decode = not cfg.use_gpu or cfg.gpu_decode
     if not fused_decode:
         dataset = dataset.map_batches(decode_rows, fn_kwargs={"size": tuple(image_size)},
                                       batch_size=cfg.batch_size, batch_format="numpy",
@@ -292,7 +339,7 @@ def trunk_batches(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
         TrunkRunner, fn_constructor_kwargs={
             "trunk": [ray.put(trunk)], "use_gpu": cfg.use_gpu, "amp": cfg.amp,
             "channels_last": cfg.channels_last, "threads": threads, "dtype": cfg.dtype,
-            "compile": cfg.compile,
+            "compile": cfg.compile, "gpu_decode": cfg.gpu_decode,
             "decode_size": tuple(image_size) if fused_decode else None},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=cfg.batch_size,
         batch_format="numpy", num_cpus=cfg.cpus_per_actor, **gpu)
@@ -308,6 +355,8 @@ def _actors_started_quietly(batches: Iterator[dict[str, np.ndarray]]
     Data's actors hold their function there) makes Ray's core log an ERROR line on the driver's
     stderr (ray-project/ray#53727), which a restart from the driver's own object store does
     not concern."""
+    from boatray import console  # Ray's: imported where Ray runs
+
     batches = iter(batches)
     logs = console.ray_logs_dir()
     quiet = contextlib.nullcontext() if logs is None else _stderr_to(logs / "driver-ray.err")
