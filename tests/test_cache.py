@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from boatray import freezing, models, predict
+from boatray import freezing, models, precision, predict
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
@@ -39,14 +39,16 @@ def manifest(tmp_path_factory) -> Path:
 
 
 def settings(storage: Path, **train_settings) -> dict:
-    """An in-process run (num_workers 0) of resnet18 with random weights, SGD, 2 epochs."""
-    # library calls, not the CLI: each test keeps its results in its own tmp folder
+    """An in-process run (num_workers 0) of resnet18 with random weights, SGD, 2 epochs, fp32."""
+    # library calls, not the CLI: each test keeps its results in its own tmp folder; fp32
+    # (amp false, not bf16 on a CPU that has it): the paths are compared at float32 precision
     return {"name": "cache", "storage_path": str(storage), "seed": 0,
             "data": {"image_size": SIZE},
             "model": {"name": "resnet18", "weights": "none"},
-            "features": {"num_actors": 1, "cpus_per_actor": 0.5, "batch_size": 16},
+            "features": {"num_actors": 1, "cpus_per_actor": 0.5, "batch_size": 16,
+                         "amp": False},
             "train": {"epochs": 2, "batch_size": 12, "optimizer": "sgd", "lr": 0.01,
-                      "num_workers": 0, "loader_workers": 0, "max_failures": 0,
+                      "num_workers": 0, "loader_workers": 0, "max_failures": 0, "amp": False,
                       **train_settings}}
 
 
@@ -103,6 +105,24 @@ def test_the_key_names_everything_the_activations_depend_on(tmp_path, manifest):
     assert key(weights=str(weights), seed=1) == pretrained  # the seed only moves random inits
     torch.save({k: v + 1 for k, v in initial_state().items()}, weights)
     assert key(weights=str(weights)) != pretrained  # a weights file by its content
+
+
+def test_the_key_names_the_device_and_compute_dtype_that_extract_it(tmp_path, manifest,
+                                                                    monkeypatch):
+    """A cache made in fp32 on a CPU is not reused by a bf16 run (a GPU's, or a CPU's with
+    native bf16), nor the reverse; `amp: auto` is keyed by what it computes in."""
+    rows = prefix_cache.cached_rows(manifest_module.read_manifest(manifest)[0])
+
+    def key(use_gpu: bool, amp: bool | str) -> str:
+        raw = settings(tmp_path)
+        raw["features"].update(use_gpu=use_gpu, amp=amp)
+        return prefix_cache.cache_key(from_dict(raw), rows, "layer3")
+
+    for found in ("AVX512-BF16", None):
+        monkeypatch.setattr(precision, "cpu_bf16", lambda found=found: found)
+        assert key(False, "auto") == key(False, found is not None)
+    assert len({key(False, False), key(False, True), key(True, False), key(True, True)}) == 4
+    assert key(True, "auto") == key(True, True)  # bf16 on GPUs
 
 
 def test_a_cache_that_would_not_fit_on_the_disk_is_not_computed(tmp_path, manifest,

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from boatray import freezing, models, storage
+from boatray import freezing, models, precision, storage
 from boatray.config import Experiment
 from boatray.data.decoded import MappedSplit, rows_digest
 from boatray.data.manifest import read_manifest
@@ -66,14 +66,18 @@ def cached_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def cache_key(exp: Experiment, rows: pd.DataFrame, stage: str) -> str:
-    """The cache's name: readable, then a digest of everything its values depend on."""
+    """The cache's name: readable, then a digest of everything its values depend on, the
+    device type and compute dtype that extract it included (a cache made in fp32 on a CPU is
+    not reused by a bf16 run on a GPU, nor the reverse)."""
+    device = "cuda" if exp.features.use_gpu else "cpu"  # as the features pipeline places it
     weights = exp.model.weights
     random_init = weights.lower() == "none"
     digest = models.weights_source(exp.model.name, weights).get("sha256")
     inputs = {"format": FORMAT, "model": exp.model.name, "pooling": exp.model.pooling,
               "weights": f"sha256:{digest}" if digest else weights,
               "stage": stage, "image_size": list(exp.data.image_size), "dtype": DTYPE,
-              "seed": exp.train.seed if random_init else None, "rows": rows_digest(rows)}
+              "seed": exp.train.seed if random_init else None, "rows": rows_digest(rows),
+              "device": device, "compute": precision.compute_dtype(exp.features.amp, device)}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
     height, width = exp.data.image_size
     return f"{exp.model.name}-{stage}-{height}x{width}-{digest}"
