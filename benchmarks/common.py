@@ -97,9 +97,18 @@ def load_average() -> str:
 
 
 def print_header(title: str) -> None:
-    """The benchmark's title, its exact command, the machine and the load when it starts."""
-    import ray
+    """The benchmark's title, its exact command, the machine (with its CPU's native bf16) and
+    the load when it starts."""
     import sklearn
+
+    from boatray.precision import cpu_bf16
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:  # the GPU check's steps run where Ray is not installed
+        ray_version = "absent"
 
     memory = memory_total_gb()
     ram = f", RAM {memory:.0f} GiB" if memory else ""
@@ -107,10 +116,11 @@ def print_header(title: str) -> None:
     print(f"command : python {' '.join(sys.argv)}")
     print(f"host    : {socket.gethostname()}, {platform.platform()}")
     print(f"cpu     : {cpu_model()}, {os.cpu_count()} logical CPUs "
-          f"({len(os.sched_getaffinity(0))} usable), torch threads {torch.get_num_threads()}{ram}")
+          f"({len(os.sched_getaffinity(0))} usable), torch threads {torch.get_num_threads()}{ram}"
+          f", native bf16: {cpu_bf16() or 'none'}")
     print(f"gpu     : {gpu_name()}")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, ray {ray.__version__}, "
+          f"torchvision {torchvision.__version__}, ray {ray_version}, "
           f"scikit-learn {sklearn.__version__}")
     print(f"load    : {load_average()} at start", flush=True)
 
