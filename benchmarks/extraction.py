@@ -8,10 +8,13 @@ weights (one random-init state dict saved to a file; timings do not depend on th
 - lab: torchvision ResNet trunk (`children()[:-1]`), a Dataset with the lab's transform,
   DataLoader batch 8, fp32, contiguous tensors, `torch.no_grad()`;
 - boatray core, in process: `pipeline.decode_rows` + `pipeline.TrunkRunner` (uint8 decode,
-  normalisation on the device, channels_last, inference mode; bf16 autocast on a GPU), with
+  normalisation on the device, channels_last, inference mode), once in fp32 and once under
+  bf16 autocast (`features.amp` false and true; `auto`, the default, picks bf16 on a GPU and
+  on a CPU with AMX or AVX512-BF16, which is when the bf16 row is shown on a CPU), with
   `--compile` with `compile=True` (torch.compile, inductor freezing; compile time apart);
 - boatray `pipeline.extract`: the real Ray Data pipeline (rows -> decode + trunk actors ->
-  features.parquet), timed as a whole, with the local Ray instance's start-up shown apart; with
+  features.parquet; `features.amp: auto`), timed as a whole, with the local Ray instance's
+  start-up shown apart; with
   `--compile` a second row with `features.compile` on (compiled inside the actor, so its
   compile time is in the row). Each row's features.json splits it into start-up (until the
   first batch: actor start, model shipping, compiling) and the steady-state images/s after it,
@@ -32,11 +35,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from torch import nn
 
-from boatray import models
+from boatray import models, precision
 from boatray.config import FeaturesConfig, ModelConfig
 from boatray.data.manifest import read_manifest
 from boatray.features import featurefile, pipeline
@@ -58,6 +60,7 @@ from common import (
     synchronize,
 )
 
+DTYPE = {False: "fp32", True: "bf16"}
 TARGET_CPU = 1.7
 """Extraction at least 1.7x the lab loop on a 2-core CPU."""
 TARGET_FIXED_S = 10.0
@@ -102,43 +105,39 @@ def lab_extract(weights_file: Path, arch: str, manifest: Path, size: tuple[int, 
 
 
 def core_extract(weights_file: Path, arch: str, manifest: Path, size: tuple[int, int],
-                 batch_size: int, device_type: str, compile_trunk: bool
+                 batch_size: int, device_type: str, compile_trunk: bool, amp: bool
                  ) -> tuple[np.ndarray, float, float]:
-    """boatray's decode + TrunkRunner in this process: (features, seconds, compile seconds)."""
+    """boatray's decode + TrunkRunner in this process (as `pipeline.extract` runs it on a
+    one-node CPU cluster): (features, seconds, compile seconds)."""
     device = torch.device(device_type)
     frame, classes = read_manifest(manifest)
     trunk = models.trunk(models.build(arch, str(weights_file), len(classes)), "pool")
-    # TrunkRunner fetches its trunk from Ray's object store: a local Ray instance idles beside
-    # the work (its processes count in the tree's memory, not in the timing)
-    start_ray(address="local", include_dashboard=False, log_to_driver=False, num_cpus=1)
-    try:
-        runner = pipeline.TrunkRunner([ray.put(trunk)], use_gpu=device.type == "cuda",
-                                      amp=True, channels_last=True, threads=None,
-                                      dtype="float32", compile=compile_trunk)
-        rows = {c: frame[c].to_numpy() for c in pipeline.COLUMNS}
-        batches = [{c: v[i:i + batch_size] for c, v in rows.items()}
-                   for i in range(0, len(frame), batch_size)]
-        compile_seconds = 0.0
-        if compile_trunk:  # the first call compiles
-            start = time.perf_counter()
-            runner(pipeline.decode_rows(batches[0], size))
-            synchronize(device)
-            compile_seconds = time.perf_counter() - start
-        out = []
+    runner = pipeline.TrunkRunner(trunk, use_gpu=device.type == "cuda", amp=amp,
+                                  channels_last=True, threads=None, dtype="float32",
+                                  compile=compile_trunk)
+    rows = {c: frame[c].to_numpy() for c in pipeline.COLUMNS}
+    batches = [{c: v[i:i + batch_size] for c, v in rows.items()}
+               for i in range(0, len(frame), batch_size)]
+    compile_seconds = 0.0
+    if compile_trunk:  # the first call compiles
         start = time.perf_counter()
-        for batch in batches:
-            out.append(runner(pipeline.decode_rows(batch, size))["features"])
+        runner(pipeline.decode_rows(batches[0], size))
         synchronize(device)
-        seconds = time.perf_counter() - start
-    finally:
-        ray.shutdown()
-    return np.concatenate(out), seconds, compile_seconds
+        compile_seconds = time.perf_counter() - start
+    out = []
+    start = time.perf_counter()
+    for batch in batches:
+        out.append(runner(pipeline.decode_rows(batch, size))["features"])
+    synchronize(device)
+    return np.concatenate(out), time.perf_counter() - start, compile_seconds
 
 
 def ray_extract(manifest: Path, out: Path, model: ModelConfig, cfg: FeaturesConfig,
                 size: tuple[int, int]) -> dict:
     """boatray's `pipeline.extract` on a local Ray instance started here: features, Ray's
     start-up, the wall seconds of the extraction and its features.json stats."""
+    import ray
+
     quiet_ray_data()
     result = {"ray_start": start_ray(address="local", include_dashboard=False,
                                      log_to_driver=False, num_gpus=torch.cuda.device_count())}
@@ -186,20 +185,27 @@ def main() -> None:
     common_args = (weights_file, args.model, manifest, args.size)
     (x, seconds), memory = isolated(lab_extract, *common_args, device.type, device=device)
     add("lab loop (batch 8, fp32, eager)", x, seconds, memory)
-    (x, seconds, _), memory = isolated(core_extract, *common_args, args.batch_size,
-                                       device.type, False, device=device)
-    add(f"boatray core in-process (batch {args.batch_size})", x, seconds, memory)
+    # fp32 and bf16 autocast (amp: auto's choice on a GPU and on CPUs with native bf16)
+    amps = (False, True) if precision.uses_bf16("auto", device) else (False,)
+    for amp in amps:
+        (x, seconds, _), memory = isolated(core_extract, *common_args, args.batch_size,
+                                           device.type, False, amp, device=device)
+        add(f"boatray core in-process (batch {args.batch_size}, {DTYPE[amp]})", x, seconds,
+            memory)
     if args.compile:
+        amp = amps[-1]
         (x, seconds, compiling), memory = isolated(core_extract, *common_args, args.batch_size,
-                                                   device.type, True, device=device)
-        add("boatray core + compile (freezing)", x, seconds, memory, **{"compile s": compiling})
+                                                   device.type, True, amp, device=device)
+        add(f"boatray core + compile (freezing, {DTYPE[amp]})", x, seconds, memory,
+            **{"compile s": compiling})
     pipelines = []
     if not args.no_ray:
         model = ModelConfig(name=args.model, weights=str(weights_file), pooling="avg")
         for compiled in (False, True) if args.compile else (False,):
             cfg = FeaturesConfig(batch_size=args.batch_size, use_gpu=device.type == "cuda",
                                  compile=compiled)
-            name = "boatray pipeline.extract" + (" + features.compile" if compiled else "")
+            name = (f"boatray pipeline.extract ({precision.compute_dtype(cfg.amp, device)})"
+                    + (" + features.compile" if compiled else ""))
             try:
                 result, memory = isolated(ray_extract, manifest,
                                           work / f"ray-compile-{compiled}.parquet", model, cfg,
@@ -220,6 +226,14 @@ def main() -> None:
           f"({str(peak_dtype).removeprefix('torch.')}, the better of a measurement before and "
           f"one after the rows); bound {peak / gflop:.2f} images/s")
     print_table(rows)
+    cores = {r["path"]: r["images/s"] for r in rows if r["path"].startswith("boatray core in")}
+    if len(cores) == 2:
+        fp32, bf16 = cores.values()
+        print(f"bf16    : the core under bf16 autocast runs {bf16 / fp32:.2f}x its fp32 rate "
+              f"(both channels_last; this CPU: {precision.cpu_bf16() or 'no native bf16'})")
+    elif device.type == "cpu":
+        print("bf16    : no bf16 row: this CPU has no AMX or AVX512-BF16 (amp: auto is fp32 "
+              "here)")
     reference = rows[0]["path"]
     for path, x in found.items():
         if path != reference:

@@ -11,7 +11,10 @@ starting weights (a random-init state dict saved to a file):
   then a validation pass, as the lab's per-epoch loop did;
 - boatray: `trainer.fit` (the training loop, as a sweep's trial runs it) three ways: decoding
   every JPEG in every epoch (`off`: `train.cache_decoded` and `train.cache_prefix` false), from
-  the node's decoded-image cache (`decoded`), and from the frozen-prefix cache (`prefix`). Each
+  the node's decoded-image cache (`decoded`), and from the frozen-prefix cache (`prefix`); each
+  in fp32 and under bf16 autocast with channels_last (`train.amp` and `features.amp` false and
+  true; the bf16 rows where `amp: auto` would use bf16: a GPU, a CPU with AMX or
+  AVX512-BF16; `--amp` to choose). Each
   run then times one pass over its training loader alone, as the loop builds it: the epoch's
   data time (`data s`; not for `prefix`, whose loader reads activations). By default with
   `train.num_workers=0` (the loop in this process), so the row is the epoch and not a Ray
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from boatray import models
+from boatray import models, precision
 from boatray.config import FREEZE_SPECS, from_dict
 from boatray.data.decoded import DecodedImages
 from boatray.data.manifest import read_manifest
@@ -63,6 +66,7 @@ from common import (
 
 TARGETS = {"head": 20.0, "last1": 2.0}
 """An epoch with the frozen-prefix cache at least 20x (head) and 2x (last1) the lab's."""
+AMP = {"false": "fp32", "true": "bf16"}
 CACHES = {"off": (False, False), "decoded": (False, True), "prefix": (True, True)}
 """The cache modes: (train.cache_prefix, train.cache_decoded)."""
 
@@ -84,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Ray Train workers (0: local mode in process, the default)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--amp", nargs="+", choices=("false", "true"), default=None,
+                        help="train.amp of boatray's rows (default: false, and true where "
+                             "amp: auto computes in bf16 on this device)")
     parser.add_argument("--sample", type=Path, default=SAMPLE,
                         help="the real MarDCT sample (raw layout)")
     return parser
@@ -165,28 +172,39 @@ def main() -> None:
     weights_file = work / "weights.pt"
     torch.save(models.build(args.model, "none", len(classes)).state_dict(), weights_file)
 
+    amps = args.amp or (["false", "true"] if precision.uses_bf16("auto", device) else ["false"])
     rows = []
     for freeze in args.freeze:
         lab, memory = isolated(lab_run, weights_file, args.model, manifest, freeze, args.epochs,
                                args.size, args.lr, device.type, device=device)
         rows.append({"path": "lab loop (batch 8, fp32, eager)", "freeze": freeze, "cache": "-",
-                     **lab, "train vs lab": 1.0, "run vs lab": 1.0, **memory})
+                     "amp": "fp32", **lab, "train vs lab": 1.0, "run vs lab": 1.0, **memory})
         for cache, (prefix, decoded) in CACHES.items():
-            settings = experiment(args, weights_file, freeze, prefix, decoded, device,
-                                  work / "storage")
-            run, memory = isolated(boatray_run, manifest, settings, prefix or args.workers > 0,
-                                   device=device)
-            rows.append({"path": f"boatray trainer.fit ({args.workers} workers)",
-                         "freeze": freeze, "cache": cache, **run,
-                         "train vs lab": ratio(run["train images/s"], lab["train images/s"]),
-                         "run vs lab": ratio(lab["run s"], run["run s"]), **memory})
+            for amp in amps:
+                settings = experiment(args, weights_file, freeze, prefix, decoded, amp,
+                                      device, work / "storage")
+                run, memory = isolated(boatray_run, manifest, settings,
+                                       prefix or args.workers > 0, device=device)
+                rows.append({"path": f"boatray trainer.fit ({args.workers} workers)",
+                             "freeze": freeze, "cache": cache, "amp": AMP[amp], **run,
+                             "train vs lab": ratio(run["train images/s"],
+                                                   lab["train images/s"]),
+                             "run vs lab": ratio(lab["run s"], run["run s"]), **memory})
     print_table(rows)
     for freeze in args.freeze:
         data = {row["cache"]: row["data s"] for row in rows
-                if row["freeze"] == freeze and row["cache"] in ("off", "decoded")}
+                if row["freeze"] == freeze and row["cache"] in ("off", "decoded")
+                and row["amp"] == AMP[amps[0]]}
         print(f"data    : {freeze}: one epoch's data time {data['off']:.2f} s decoding every "
               f"JPEG, {data['decoded']:.3f} s from the decoded-image cache: decoded cache "
               f"speedup {ratio(data['off'], data['decoded']):.1f}")
+    for freeze in args.freeze:
+        rates = {(row["cache"], row["amp"]): row["train images/s"] for row in rows
+                 if row["freeze"] == freeze and row["cache"] != "-"}
+        for cache in CACHES:
+            if (cache, "bf16") in rates and (cache, "fp32") in rates:
+                print(f"bf16    : {freeze}, cache {cache}: bf16 trains "
+                      f"{ratio(rates[cache, 'bf16'], rates[cache, 'fp32']):.2f}x the fp32 rate")
     for row in rows:
         if row["cache"] == "prefix" and row["freeze"] in TARGETS:
             target = TARGETS[row["freeze"]]
@@ -198,18 +216,18 @@ def main() -> None:
 
 
 def experiment(args: argparse.Namespace, weights_file: Path, freeze: str, prefix: bool,
-               decoded: bool, device: torch.device, storage: Path) -> dict:
+               decoded: bool, amp: str, device: torch.device, storage: Path) -> dict:
     """The experiment dict of one boatray run (config defaults for everything not set here);
     each run has its own results folder under `storage`, so no run reuses another's cache."""
-    settings = {"name": f"{freeze}-prefix-{prefix}-decoded-{decoded}",
+    settings = {"name": f"{freeze}-prefix-{prefix}-decoded-{decoded}-amp-{amp}",
                 # a scratch folder per measured run: the benchmark leaves nothing behind
                 "storage_path": str(storage),
-                "features": {"use_gpu": device.type == "cuda"},
+                "features": {"use_gpu": device.type == "cuda", "amp": amp == "true"},
                 "model": {"name": args.model, "weights": str(weights_file)},
                 "data": {"image_size": list(args.size), "augment": False},
                 "train": {"epochs": args.epochs, "batch_size": args.batch_size,
                           "freeze": freeze, "lr": args.lr, "cache_prefix": prefix,
-                          "cache_decoded": decoded,
+                          "cache_decoded": decoded, "amp": amp == "true",
                           "num_workers": args.workers, "use_gpu": device.type == "cuda",
                           "max_failures": 0}}
     if args.loader_workers is not None:
