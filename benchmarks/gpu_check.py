@@ -64,7 +64,6 @@ SIZES = {
              "extract_batch": 4, "train_batch": 4, "sweep_batches": [2, 4],
              "matmul_size": 1024},
 }
-COLUMNS = ("step", "row", "batch", "img/s", "vs plain", "% of peak", "GPU MB", "note")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,22 +219,6 @@ def table_rows(steps: list[dict], peak: float | None) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    def cell(value: object) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-        return str(value)
-
-    table = [[cell(r.get(c)) for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(COLUMNS)]
-    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
-    for cells in table:
-        print("  ".join(v.ljust(w) for v, w in zip(cells, widths)).rstrip())
-    sys.stdout.flush()
-
-
 def last_error(log_file: Path) -> str:
     """The last non-empty line of a step's log (its error, where it failed)."""
     lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
@@ -293,6 +276,8 @@ def main() -> int:
                       + (f" in {step['seconds']:.0f} s" if "seconds" in step else "")
                       + (f": {step['error']}" if step.get("error") else ""), flush=True)
                 steps.append(step)
+    from common import print_table  # here: the steps above run even where it cannot import
+
     info = next((s.get("info") for s in steps if s["step"] == "environment"), None) or {}
     peak = info.get("peak_flops")
     rows = table_rows(steps, peak)

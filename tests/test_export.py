@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from boatray import approaches, export, models, predict
+from boatray import approaches, export, models, precision, predict
 from boatray.approaches import heads
 from boatray.config import Experiment, SyntheticConfig
 from boatray.data.synthetic import class_names, generate
@@ -30,11 +30,15 @@ def images(tmp_path_factory):
 
 
 def trunk_features(trunk: torch.nn.Module, paths: list[str]) -> np.ndarray:
+    """The trunk's features as predict computes them (amp: auto, precision.py)."""
     from boatray.data.images import ImageDataset
 
     loader = torch.utils.data.DataLoader(ImageDataset(paths, [0] * len(paths), SIZE),
                                          batch_size=8)
-    outputs, _ = engine.predict_logits(trunk.eval(), loader, torch.device("cpu"))
+    amp = precision.uses_bf16("auto", "cpu")
+    trunk = trunk.to(memory_format=torch.channels_last if amp else torch.preserve_format)
+    outputs, _ = engine.predict_logits(trunk.eval(), loader, torch.device("cpu"), amp=amp,
+                                       channels_last=amp)
     return outputs.flatten(1).numpy()
 
 

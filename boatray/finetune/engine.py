@@ -186,7 +186,6 @@ def device_for(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu else "cpu")
 
 
-
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
