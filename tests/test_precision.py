@@ -273,7 +273,7 @@ def test_head_trials_on_cached_features_share_a_gpu():
     gpus = {freeze: resources({**config_of, "freeze": freeze}).required_resources["GPU"]
             for freeze in ("head", "last1", "all")}
     assert gpus == {"head": sizing.HEAD_TRIAL_GPU, "last1": 1.0, "all": 1.0}
-    assert tuning.trial_resources(exp, {}) == {"cpu": 2.0, "gpu": 1.0}
+    assert tuning.trial_resources(exp, {}) == {"CPU": 2.0, "GPU": 1.0}
     one_gpu = Capacity([{"CPU": 8.0, "GPU": 1.0}])
     capped, lines = preflight.check_resources(dataclasses.replace(exp, sweep=dataclasses.replace(
         exp.sweep, max_concurrent_trials=8)), one_gpu)
