@@ -23,8 +23,9 @@ weights (one random-init state dict saved to a file; timings do not depend on th
 
 Each row has images/s, the ratio to the lab loop, the fraction of the device's matmul peak
 at the trunk's FLOPs per image (counted with torch's FlopCounterMode; the peak is a large
-float32 matmul on a CPU, bf16 on a GPU, measured before and after the rows, the better
-kept) and peak memory; the features of every path are compared with the lab's.
+matmul in the row's dtype, float32 or bf16 on a CPU, bf16 on a GPU, measured before and after
+the rows, the better kept) and peak memory; the features of every path are compared with the
+lab's.
 """
 
 from __future__ import annotations
@@ -170,14 +171,19 @@ def main() -> None:
     weights_file = work / "weights.pt"
     torch.save(network.state_dict(), weights_file)
     gflop = models.forward_flops(models.trunk(network, "pool"), args.size) / 1e9
-    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    first_peak = matmul_peak(device, peak_dtype)
+    # fp32 and bf16 autocast (amp: auto's choice on a GPU and on CPUs with native bf16)
+    amps = (False, True) if precision.uses_bf16("auto", device) else (False,)
+    peak_dtypes = [torch.bfloat16] if device.type == "cuda" else [
+        torch.float32, *([torch.bfloat16] if True in amps else [])]
+    first_peaks = {dtype: matmul_peak(device, dtype) for dtype in peak_dtypes}
 
-    rows, found = [], {}
+    rows, found, dtypes = [], {}, {}
 
-    def add(path: str, x: np.ndarray, seconds: float, memory: dict, **extra) -> None:
+    def add(path: str, x: np.ndarray, seconds: float, memory: dict, bf16: bool = False,
+            **extra) -> None:
         rate = len(x) / seconds
         found[path] = x
+        dtypes[path] = torch.bfloat16 if bf16 else torch.float32
         rows.append({"path": path, "images": len(x), "seconds": seconds, "images/s": rate,
                      "vs lab": ratio(rate, rows[0]["images/s"] if rows else rate),
                      "% of peak": rate * gflop, **extra, **memory})  # divided below
@@ -185,18 +191,16 @@ def main() -> None:
     common_args = (weights_file, args.model, manifest, args.size)
     (x, seconds), memory = isolated(lab_extract, *common_args, device.type, device=device)
     add("lab loop (batch 8, fp32, eager)", x, seconds, memory)
-    # fp32 and bf16 autocast (amp: auto's choice on a GPU and on CPUs with native bf16)
-    amps = (False, True) if precision.uses_bf16("auto", device) else (False,)
     for amp in amps:
         (x, seconds, _), memory = isolated(core_extract, *common_args, args.batch_size,
                                            device.type, False, amp, device=device)
         add(f"boatray core in-process (batch {args.batch_size}, {DTYPE[amp]})", x, seconds,
-            memory)
+            memory, bf16=amp)
     if args.compile:
         amp = amps[-1]
         (x, seconds, compiling), memory = isolated(core_extract, *common_args, args.batch_size,
                                                    device.type, True, amp, device=device)
-        add(f"boatray core + compile (freezing, {DTYPE[amp]})", x, seconds, memory,
+        add(f"boatray core + compile (freezing, {DTYPE[amp]})", x, seconds, memory, bf16=amp,
             **{"compile s": compiling})
     pipelines = []
     if not args.no_ray:
@@ -216,15 +220,18 @@ def main() -> None:
             stats = result["stats"]
             where = "in process" if stats.get("in_process") else "Ray Data"
             add(f"{name} ({where}, {stats['actors']} actor)", result["x"], result["wall"],
-                memory, **{"steady images/s": stats["steady_images_per_second"]})
+                memory, bf16=precision.uses_bf16(cfg.amp, device),
+                **{"steady images/s": stats["steady_images_per_second"]})
             pipelines.append((name, result))
 
-    peak = max(first_peak, matmul_peak(device, peak_dtype))
-    for row in rows:
-        row["% of peak"] = 100 * row["% of peak"] / peak
-    print(f"trunk   : {gflop:.1f} GFLOP per image (forward); matmul peak {peak:.0f} GFLOP/s "
-          f"({str(peak_dtype).removeprefix('torch.')}, the better of a measurement before and "
-          f"one after the rows); bound {peak / gflop:.2f} images/s")
+    peaks = {dtype: max(first, matmul_peak(device, dtype)) for dtype, first in first_peaks.items()}
+    for row in rows:  # against the peak of the row's dtype where measured (a GPU: bf16's)
+        row["% of peak"] = 100 * row["% of peak"] / peaks.get(dtypes[row["path"]],
+                                                              peaks[peak_dtypes[0]])
+    print(f"trunk   : {gflop:.1f} GFLOP per image (forward); matmul peak " + ", ".join(
+        f"{peak:.0f} GFLOP/s {str(dtype).removeprefix('torch.')} (bound "
+        f"{peak / gflop:.2f} images/s)" for dtype, peak in peaks.items())
+        + " (the better of a measurement before and one after the rows)")
     print_table(rows)
     cores = {r["path"]: r["images/s"] for r in rows if r["path"].startswith("boatray core in")}
     if len(cores) == 2:
