@@ -21,6 +21,10 @@ weights (one random-init state dict saved to a file; timings do not depend on th
   from which follows the ratio projected on the whole lab16 set (5,193 images), where the
   fixed cost is spread over fifty times more images than here.
 
+Where the device computes bf16 natively, the trunk alone is then timed in fp32 and bf16 in
+alternation (`alternating_trunk_rates`, 5 rounds on one batch): the median bf16/fp32 ratio,
+which a shared machine's changing load leaves alone.
+
 Each row has images/s, the ratio to the lab loop, the fraction of the device's matmul peak
 at the trunk's FLOPs per image (counted with torch's FlopCounterMode; the peak is a large
 matmul in the row's dtype, float32 or bf16 on a CPU, bf16 on a GPU, measured before and after
@@ -153,6 +157,30 @@ def ray_extract(manifest: Path, out: Path, model: ModelConfig, cfg: FeaturesConf
     return result
 
 
+def alternating_trunk_rates(weights_file: Path, arch: str, size: tuple[int, int],
+                            batch_size: int, device_type: str, rounds: int = 5
+                            ) -> list[tuple[float, float]]:
+    """The trunk alone (channels_last, inference mode) on one batch of random pixels, fp32 then
+    bf16 autocast, alternated for `rounds` rounds after a warm-up of each: (fp32, bf16)
+    images/s per round. Alternating keeps a shared machine's changing load out of the ratio."""
+    device = torch.device(device_type)
+    trunk = models.trunk(models.build(arch, str(weights_file), 16), "pool")
+    trunk = trunk.to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(batch_size, 3, *size, device=device).contiguous(
+        memory_format=torch.channels_last)
+
+    def rate(bf16: bool) -> float:
+        with torch.inference_mode(), precision.autocast(device, bf16):
+            synchronize(device)
+            started = time.perf_counter()
+            trunk(x)
+            synchronize(device)
+        return batch_size / (time.perf_counter() - started)
+
+    rate(False), rate(True)
+    return [(rate(False), rate(True)) for _ in range(rounds)]
+
+
 def difference(x: np.ndarray, reference: np.ndarray) -> float:
     """max |x - reference| / max |reference|."""
     return float(np.abs(x - reference).max() / max(np.abs(reference).max(), 1e-30))
@@ -241,6 +269,14 @@ def main() -> None:
     elif device.type == "cpu":
         print("bf16    : no bf16 row: this CPU has no AMX or AVX512-BF16 (amp: auto is fp32 "
               "here)")
+    if True in amps:
+        rounds, _ = isolated(alternating_trunk_rates, weights_file, args.model, args.size,
+                             args.batch_size, device.type, device=device)
+        ratios = sorted(bf16 / fp32 for fp32, bf16 in rounds)
+        print(f"bf16    : the trunk alone, batch {args.batch_size}, fp32 and bf16 alternated "
+              f"{len(rounds)} times: bf16/fp32 median {ratios[len(ratios) // 2]:.2f}x (rounds "
+              + ", ".join(f"{r:.2f}" for r in ratios) + "; fp32 "
+              + ", ".join(f"{f:.2f}" for f, _ in rounds) + " img/s)")
     reference = rows[0]["path"]
     for path, x in found.items():
         if path != reference:
