@@ -266,10 +266,12 @@ def manifest(tmp_path_factory):
 
 
 def test_features_of_a_timm_backbone_are_its_trunk_on_the_images(manifest, tmp_path):
-    """The features pipeline (in process for so few images) at a stride cut point."""
+    """The features pipeline (in process for so few images) at a stride cut point (fp32:
+    compared with an fp32 loop, not bf16 on a CPU that has it)."""
     out = pipeline.extract(manifest, tmp_path / "features.parquet",
                            ModelConfig(name="timm/regnetx_002", weights="none"),
-                           FeaturesConfig(num_actors=1, stage="stride16", batch_size=8), SIZE)
+                           FeaturesConfig(num_actors=1, stage="stride16", batch_size=8,
+                                          amp=False), SIZE)
     x, table = featurefile.read_features(out)
     torch.manual_seed(0)  # extract's seed: the same random trunk
     trunk = models.trunk(models.build("timm/regnetx_002", "none", 4), "stride16").eval()
@@ -283,7 +285,7 @@ def test_features_of_a_timm_backbone_are_its_trunk_on_the_images(manifest, tmp_p
 def test_a_timm_backbone_trains_from_its_prefix_cache_exactly(manifest, tmp_path, monkeypatch,
                                                               capsys):
     """freeze last1 on MobileNetV3: the stride-16 activations cached in float32 train the same
-    weights as the images do, and the checkpoint rebuilds the network."""
+    weights as the images do (in fp32: amp false), and the checkpoint rebuilds the network."""
     monkeypatch.setattr(prefix_cache, "DTYPE", "float32")
     save, states = checkpoints.save_checkpoint, {}
 
@@ -294,8 +296,9 @@ def test_a_timm_backbone_trains_from_its_prefix_cache_exactly(manifest, tmp_path
     monkeypatch.setattr(loop, "save_checkpoint", keep)
     settings = {"storage_path": str(tmp_path / "results"), "data": {"image_size": list(SIZE)},
                 "model": {"name": "timm/mobilenetv3_small_050", "weights": "none"},
+                "features": {"amp": False},
                 "train": {"epochs": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.05,
-                          "freeze": "last1", "num_workers": 0, "loader_workers": 0,
+                          "amp": False, "freeze": "last1", "num_workers": 0, "loader_workers": 0,
                           "cache_min_speedup": 1.0}}
     results = {}
     for cache in (True, False):
