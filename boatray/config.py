@@ -16,6 +16,7 @@ from typing import Any
 
 from boatray import freezing, models, precision, storage
 from boatray.backbones.weightfiles import looks_like_file
+from boatray.data.imagefiles import MAX_PIXELS
 from boatray.errors import BoatrayError
 from boatray.results import Layout
 from boatray.schema import build, option, set_dotted
@@ -46,6 +47,7 @@ class DataConfig:
     valid_fraction: float = option(0.15, min=0.0, max=0.9)
     image_size: tuple[int, int] = option((240, 800), min=8)
     augment: bool = False
+    max_pixels: int = option(MAX_PIXELS, min=1)  # larger images are left out, counted
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -283,7 +285,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise BoatrayError(f"override {item!r} must look like section.key=value")
-        set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        set_dotted(raw, key.strip(), _override_value(item, value))
     if data:
         set_dotted(raw, "data.source", data)
     return absolute_paths(from_dict(raw), base)
@@ -352,13 +354,31 @@ def from_dict(raw: dict) -> Experiment:
     return exp
 
 
+def _override_value(item: str, value: str) -> Any:
+    """The YAML value of one `--set key=value` (None for an empty value)."""
+    if not value.strip():
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise BoatrayError(f"--set {item}: the value is not valid YAML ({problem}); e.g. "
+                           "--set 'sweep.lr=[0.01, 0.001]', and quote text with ':' or '#' in "
+                           "it") from None
+
+
 def _read_yaml(path: Path) -> dict:
     import yaml
 
     if not path.is_file():
         raise BoatrayError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise BoatrayError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                           f"offset {exc.start}): save it as UTF-8") from None
+    except OSError as exc:
+        raise BoatrayError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -127,7 +127,24 @@ class TrialLines(tune.Callback):
         self._end(trial, "done")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._end(trial, "FAILED (its log: the trial folder under tune/)")
+        self._end(trial, f"FAILED ({_error(trial)}; no retry left)")
+
+
+def _error(trial) -> str:
+    """What stopped a trial, in one line (its traceback is under logs/ and tune/), from the
+    error files Tune just wrote in the trial's local folder."""
+    import ray.cloudpickle
+
+    from boatray.ray_errors import describe
+
+    try:
+        if trial.pickled_error_file and Path(trial.pickled_error_file).is_file():
+            return describe(ray.cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()))
+        if trial.error_file and Path(trial.error_file).is_file():
+            return describe(Path(trial.error_file).read_text())
+    except Exception:  # noqa: BLE001 - an error Tune kept in a form this Ray cannot load
+        pass
+    return "it failed (its error.txt is in its folder under tune/)"
 
 
 def epoch_text(result: dict, epochs: int, unit: str = "images/s") -> str:

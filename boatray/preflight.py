@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from boatray import approaches, models, precision, sizing
+from boatray import approaches, diskspace, models, precision, sizing
 from boatray.cluster import Capacity, cluster_capacity, shown
 from boatray.config import Experiment
 from boatray.errors import BoatrayError
@@ -239,6 +239,7 @@ def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[st
     lines.append(sizing.describe(exp.train, exp.features))
     lines.append("stage report: report.md and report.html")
     lines += placement(exp, images, capacity)
+    lines.append(diskspace.plan_line(exp, manifest))
     lines.append("compute estimate: " + ", ".join(
         f"{name} {_flops(value)}" for name, value in flops.items())
         + f"; total {_flops(sum(flops.values()))} (training counted as 3x the forward pass: "

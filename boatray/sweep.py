@@ -10,24 +10,31 @@ a time (run_state); SIGINT/SIGTERM stop it cleanly with the command that finishe
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
+
 from boatray import (
     approaches,
     console,
+    diskspace,
     freezing,
     interrupt,
     models,
     preflight,
+    ray_errors,
     report,
     run_state,
     storage,
@@ -36,8 +43,10 @@ from boatray import (
 from boatray import config as config_module
 from boatray.cluster import start_ray
 from boatray.config import Experiment
+from boatray.data import checks
 from boatray.data.manifest import ensure_manifest, read_manifest
 from boatray.errors import BoatrayError, cli
+from boatray.features.featurefile import read_columns, stats_path
 from boatray.features.pipeline import extract_experiment
 from boatray.results import atomic_write_text
 
@@ -80,21 +89,46 @@ def refill_staging(exp: Experiment) -> None:
 
 
 def check_results_dir(exp: Experiment, resume: bool) -> None:
-    """Refuse to mix two experiments in one folder; on --resume, refuse a changed config. The
-    config is read where the results are (the storage, for a remote storage_path)."""
+    """Refuse to mix two experiments in one folder; on --resume, refuse a folder with nothing
+    to resume and a changed config (listing every difference). The config is read where the
+    results are (the storage, for a remote storage_path). A results folder that was moved is
+    resumed where it is now (its storage_path is not compared)."""
     record = (storage.join(exp.storage_uri, exp.layout.experiment.name) if exp.remote_storage
               else exp.layout.experiment)
     if not storage.is_file(record):
+        if resume and not holds_a_run(exp):
+            raise BoatrayError(f"--resume: nothing to resume in {results_location(exp)} (no run "
+                               f"of experiment {exp.name!r} was started there); run without "
+                               "--resume to start it, or name the folder that holds it with "
+                               "--set storage_path=... (and --set name=...)")
         return
     if not resume:
         raise BoatrayError(f"{results_location(exp)} already holds experiment {exp.name!r}: "
                            f"pass --resume to finish it, or choose a new name with --set name=...")
-    before = config_module.flatten(json.loads(storage.read_bytes(record)))
+    try:
+        before = config_module.flatten(json.loads(storage.read_bytes(record)))
+    except (OSError, ValueError) as exc:
+        raise BoatrayError(f"--resume: {record} cannot be read ({type(exc).__name__}); "
+                           "start a new run with --set name=...") from None
     now = config_module.flatten(exp.to_dict())
+    moved = before.pop("storage_path", None)
+    if moved != now.pop("storage_path"):
+        print(f"[boatray] resuming the run where its results folder is now (it ran under "
+              f"storage_path {moved})", flush=True)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
-        raise BoatrayError(f"--resume with a different config than {record} ({changed[0]}: "
-                           f"{before.get(changed[0])!r} -> {now.get(changed[0])!r})")
+        raise BoatrayError(
+            f"--resume with a different config than {record}: "
+            + "; ".join(f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in changed)
+            + " (resume with the settings it ran with, or start a new run with --set name=...)")
+
+
+def holds_a_run(exp: Experiment) -> bool:
+    """Whether the experiment's results folder (or storage URI) holds anything of a run but
+    its lock: a run killed early may hold no experiment.json yet, only Tune's state."""
+    where = exp.storage_uri if exp.remote_storage else exp.results_dir
+    return any(relative.name != exp.layout.lock.name
+               for _, relative in storage.files_under(where))
 
 
 def stage_features(exp: Experiment, manifest: Path) -> None:
@@ -110,6 +144,9 @@ def _cause(exc: Exception, exp: Experiment, title: str) -> str:
         return str(exc)
     log = exp.layout.logs / f"{re.sub(r'[^a-z0-9]+', '-', title.lower())}.traceback.txt"
     atomic_write_text(log, traceback.format_exc())
+    if ray_errors.is_lost(exc):
+        return (f"{ray_errors.describe(exc)}; what it finished is kept, --resume runs the rest "
+                f"(traceback: {log})")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first} (traceback: {log})"
 
@@ -123,12 +160,12 @@ FEATURES_STAGE = "feature extraction"
 
 
 def stages(exp: Experiment, manifest: Path, resume: bool
-           ) -> list[tuple[str, bool, Callable[[], object]]]:
+           ) -> list[tuple[str, bool, Callable[[], list[str] | None]]]:
     """(title, enabled, run) of every stage: each approach of the registry in its order, the
     feature extraction before the first approach that uses features."""
     config = exp.to_dict()
     context = approaches.Context(exp, manifest, resume)
-    found: list[tuple[str, bool, Callable[[], object]]] = []
+    found: list[tuple[str, bool, Callable[[], list[str] | None]]] = []
     for approach in approaches.APPROACHES:
         on = approach.enabled(config)
         if approach.uses_features and on and all(t != FEATURES_STAGE for t, _, _ in found):
@@ -138,9 +175,10 @@ def stages(exp: Experiment, manifest: Path, resume: bool
 
 
 def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
-    """Run every enabled stage; return their failures, one line each (the other stages still
-    run whatever the exception; an approach on features is skipped when their extraction
-    failed). A signal (`interrupt.Interrupted`) stops them all."""
+    """Run every enabled stage; return their failures, one line each: a stage that raised
+    (the other stages still run whatever the exception; an approach on features is skipped
+    when their extraction failed) or the parts of a stage that failed (a stage returns them as
+    lines, e.g. its failed trials). A signal (`interrupt.Interrupted`) stops them all."""
     failures = []
     features_failed = False
     for title, enabled, stage in stages(exp, manifest, resume):
@@ -154,8 +192,10 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
         started = time.monotonic()
         print(f"[boatray] {title}: starting", flush=True)
         try:
-            stage()
+            parts = stage() or []
         except Exception as exc:  # noqa: BLE001 - one failed stage does not stop the others
+            if diskspace.is_full(exc):
+                raise  # the next stages would fail the same way: the run stops
             cause = _cause(exc, exp, title)
             failures.append(f"{title}: {cause}")
             features_failed = features_failed or title == FEATURES_STAGE
@@ -163,7 +203,12 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
             continue
         finally:
             storage.mirror_up(exp.results_dir, exp.storage_uri)
-        print(f"[boatray] {title}: done in {time.monotonic() - started:.0f} s", flush=True)
+        if any(os.strerror(errno.ENOSPC) in part for part in parts):  # in a Ray worker
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(exp.results_dir))
+        failures += [f"{title}: {part}" for part in parts]
+        print(f"[boatray] {title}: done in {time.monotonic() - started:.0f} s"
+              + (f", {len(parts)} of its parts FAILED (listed at the end)" if parts else ""),
+              flush=True)
     return failures
 
 
@@ -173,27 +218,49 @@ def main(argv: list[str] | None = None) -> int:
     143 after SIGINT or SIGTERM, with the command that finishes the run."""
     args = build_parser().parse_args(argv)
     exp = config_module.from_arguments(args)
-    if args.config is None:
+    if args.config is None and exp.data.source is None:
         print("[boatray] no --config: running the built-in smoke experiment on GENERATED "
               "(synthetic) boat images, not MarDCT; its numbers say nothing about the real "
               "data. Use --config ray_jobs/lab6.yaml --data DIR for the study.", flush=True)
+    elif args.config is None:
+        print(f"[boatray] no --config: the built-in smoke experiment's small settings (a quick "
+              f"check, not the study) on {exp.data.source}. Use --config ray_jobs/lab6.yaml "
+              "for the study.", flush=True)
     print(f"[boatray] results: {results_location(exp)}", flush=True)
     storage.check_access(exp.storage_uri)
     if args.dry_run:
         return dry_run(exp, args)
     interrupt.install()
+    given = sys.argv[1:] if argv is None else argv
+    resume = shlex.join(["python", "-m", "boatray.sweep", *given,
+                         *([] if args.resume else ["--resume"])])
     try:
         with run_state.RunLock(exp.results_dir):
             return run(exp, args.resume, args.address, args.verbose)
     except interrupt.Interrupted as stop:
-        given = sys.argv[1:] if argv is None else argv
-        resume = shlex.join(["python", "-m", "boatray.sweep", *given,
-                             *([] if args.resume else ["--resume"])])
         run_state.write_state(exp.results_dir, "interrupted", signal=str(stop), resume=resume)
         storage.mirror_up(exp.results_dir, exp.storage_uri)
         print(f"[boatray] stopped by {stop}; nothing finished is lost. Finish the run with: "
               f"{resume}", file=sys.stderr, flush=True)
         return stop.exit_code
+    except OSError as exc:
+        if not diskspace.is_full(exc):
+            raise
+        return stopped_by_full_disk(exp, exc, resume)
+
+
+def stopped_by_full_disk(exp: Experiment, exc: OSError, resume: str) -> int:
+    """A full disk ends the run in one line naming the folder; run_state.json says `failed`
+    with the cause (where it can still be written); `resume` finishes the run once space is
+    freed. Returns the exit code, 2."""
+    cause = diskspace.full_disk_line(exc, [exp.results_dir, Path(tempfile.gettempdir())])
+    try:
+        run_state.write_state(exp.results_dir, "failed", cause=cause, resume=resume)
+    except OSError:
+        cause += f" ({exp.layout.state.name} could not be updated either)"
+    print(f"error: {cause}; nothing finished is lost: free space there, then finish the run "
+          f"with: {resume}", file=sys.stderr, flush=True)
+    return 2
 
 
 def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = False) -> int:
@@ -205,10 +272,14 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
               logging_level=logging.INFO if verbose else logging.WARNING)
     if not verbose:
         console.quiet_driver_logs()
+        ray_errors.keep_in(exp.layout.logs)
         print(f"[boatray] Ray's worker output: {exp.layout.logs} (at the "
               f"end; live in {console.ray_logs_dir()}; --verbose shows it here)", flush=True)
     run_exp, _ = preflight.check(exp)
     manifest = ensure_manifest(exp)
+    frame = check_data(manifest)
+    drop_stale_features(exp, frame)
+    diskspace.check(run_exp, frame)
     atomic_write_text(exp.layout.experiment, json.dumps(exp.to_dict(), indent=2))
     atomic_write_text(exp.layout.backbone,
                       json.dumps(freezing.describe(exp.model.name, exp.model.weights), indent=2))
@@ -216,14 +287,17 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
     try:
         failures = run_stages(run_exp, manifest, resume)
     finally:
-        logs = console.keep_ray_logs(exp.results_dir)
+        logs = keep_logs(exp)
     run_state.write_state(exp.results_dir, "finished", failures=failures)
     written = None
     print("[boatray] report: writing", flush=True)
     try:
         written = stage_report(run_exp)
     except Exception as exc:  # noqa: BLE001 - a failed report loses nothing else
+        if diskspace.is_full(exc):
+            raise
         failures.append(f"report: {_cause(exc, exp, 'report')}")
+        run_state.write_state(exp.results_dir, "finished", failures=failures)
     storage.mirror_up(exp.results_dir, exp.storage_uri)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr, flush=True)
@@ -242,6 +316,42 @@ def approaches_on_features(title: str) -> bool:
     return any(a.stage == title and a.uses_features for a in approaches.APPROACHES)
 
 
+def check_data(manifest: Path) -> pd.DataFrame:
+    """The manifest's rows, once its validation split can select models (data.checks)."""
+    frame, _ = read_manifest(manifest)
+    for note in checks.check_selection(frame):
+        print(f"[boatray] data: {note}", flush=True)
+    return frame
+
+
+def drop_stale_features(exp: Experiment, frame: pd.DataFrame) -> None:
+    """Features an earlier run extracted from images that are no longer where the manifest
+    has them (a results folder moved with its generated images) are extracted again."""
+    path = exp.layout.features
+    if not path.is_file():
+        return
+    try:
+        current = set(read_columns(path, ["path"])["path"]) <= set(frame["path"])
+    except (OSError, ValueError):
+        current = False
+    if not current:
+        print(f"[boatray] features: {path} was extracted from images that are no longer where "
+              "the manifest has them: extracting them again", flush=True)
+        path.unlink()
+        stats_path(path).unlink(missing_ok=True)
+
+
+def keep_logs(exp: Experiment) -> Path | None:
+    """Ray's logs copied into results/<experiment>/logs/ (console.keep_ray_logs); where that
+    fails (a full disk) they stay in Ray's session folder, said in one line."""
+    try:
+        return console.keep_ray_logs(exp.results_dir)
+    except OSError as exc:
+        print(f"[boatray] Ray's logs stay in {console.ray_logs_dir()}: copying them to "
+              f"{exp.layout.logs} failed ({exc.strerror or exc})", flush=True)
+        return None
+
+
 def results_location(exp: Experiment) -> str:
     """results/<experiment>/ as the user finds it: a local folder or a storage URI."""
     return exp.storage_uri if exp.remote_storage else str(exp.results_dir)
@@ -256,7 +366,7 @@ def dry_run(exp: Experiment, args: argparse.Namespace) -> int:
         print(f"[plan] note: {exc}", flush=True)
     start_ray(args.address)
     run_exp, capacity = preflight.check(exp, weights=False)
-    frame, _ = read_manifest(ensure_manifest(exp))
+    frame = check_data(ensure_manifest(exp))
     for line in preflight.plan(run_exp, frame, capacity):
         print(f"[plan] {line}", flush=True)
     print("[plan] dry run: nothing was trained", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,16 @@ def test_bad_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(BoatrayError, match="top level must be a mapping"):
         config.load(bad)
+    bad.write_bytes(b"name: caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(BoatrayError, match=r"not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        config.load(bad)
+
+
+@pytest.mark.parametrize("override", ["sweep.lr=[0.1,", "train.freeze={head", "name=a: b: c"])
+def test_an_override_that_is_not_yaml_is_one_line(override):
+    with pytest.raises(BoatrayError, match=f"--set {re.escape(override)}: the value is not "
+                                           "valid YAML"):
+        config.load(None, [override])
 
 
 def test_local_paths_are_made_absolute_at_the_door(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from boatray import config
 from boatray.config import SyntheticConfig
-from boatray.data import synthetic
+from boatray.data import checks, synthetic
 from boatray.data.__main__ import main
 from boatray.data.manifest import ensure_manifest, prepare, read_manifest, stratified_valid
 from boatray.errors import BoatrayError
@@ -101,7 +101,7 @@ def test_missing_source_folder(tmp_path):
 def test_folder_without_images(tmp_path):
     (tmp_path / "empty" / "train" / "boat").mkdir(parents=True)
     (tmp_path / "empty" / "test").mkdir()
-    with pytest.raises(BoatrayError, match="no usable training images"):
+    with pytest.raises(BoatrayError, match="class 'boat' has no training image: .* holds none"):
         prepare(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(BoatrayError, match="found neither an ImageFolder tree"):
         prepare(tmp_path / "empty" / "test", tmp_path / "out")
@@ -215,7 +215,7 @@ def test_unwritable_output_folder_is_one_line(tree, tmp_path, capsys):
 def test_a_failed_prepare_leaves_no_empty_folder(tmp_path):
     (tmp_path / "src" / "train" / "a").mkdir(parents=True)
     (tmp_path / "src" / "test" / "a").mkdir(parents=True)
-    with pytest.raises(BoatrayError, match="no usable training images"):
+    with pytest.raises(BoatrayError, match="class 'a' has no training image"):
         prepare(tmp_path / "src", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -229,3 +229,71 @@ def test_a_prepared_folder_is_a_data_source(tree, tmp_path, capsys):
     pd.testing.assert_frame_equal(read_manifest(used)[0], read_manifest(prepared)[0])
     assert f"the manifest prepared in {prepared.parent}, as prepared" in capsys.readouterr().out
     assert ensure_manifest(exp) == used  # reused while the prepared manifest is unchanged
+
+
+def test_data_that_cannot_make_a_study_is_refused_in_one_line(tree, tmp_path, capsys):
+    """One class; a class whose training images are all unreadable; a valid/ class without
+    training images; test classes all unknown to training: `prepare` stops before anything
+    trains, in one line each (also through the CLI)."""
+    one = tmp_path / "one"
+    shutil.copytree(tree / "train" / "boat00", one / "train" / "boat00")
+    shutil.copytree(tree / "test" / "boat00", one / "test" / "boat00")
+    with pytest.raises(BoatrayError, match=r"only 1 training class \(boat00\): a classifier "
+                                           "needs at least 2"):
+        prepare(one, tmp_path / "out1")
+    assert main(["prepare", "--source", str(one), "--out", str(tmp_path / "out1")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tree, broken)
+    for image in (broken / "train" / "boat02").iterdir():
+        image.write_bytes(b"not a jpeg")
+    with pytest.raises(BoatrayError, match="class 'boat02' has no training image left: its 5 "
+                                           r"training image\(s\) cannot be read \(e.g. "):
+        prepare(broken, tmp_path / "out2")
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(tree, orphan)
+    shutil.copytree(tree / "test" / "boat01", orphan / "valid" / "boat09")
+    shutil.copytree(tree / "train" / "boat01", orphan / "valid" / "boat01")
+    with pytest.raises(BoatrayError, match="class 'boat09' has validation images but no "
+                                           "training image"):
+        prepare(orphan, tmp_path / "out3")
+
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tree / "train", unknown / "train")
+    shutil.copytree(tree / "test" / "boat00", unknown / "test" / "Gondola")
+    with pytest.raises(BoatrayError, match=r"the test split's classes \(Gondola\) are all "
+                                           r"unknown to training \(boat00, boat01, boat02\)"):
+        prepare(unknown, tmp_path / "out4")
+
+
+def test_a_validation_split_that_cannot_rank_models_is_refused():
+    """The chosen rule: a validation split of fewer than 2 classes is refused (every model
+    that predicts its one class scores perfectly); missing classes are named in a note."""
+    frame = pd.DataFrame({"label": ["a", "a", "b", "b", "c", "a", "b"],
+                          "split": ["train"] * 5 + ["valid", "test"]})
+    with pytest.raises(BoatrayError, match=r"validation split holds images of 1 class \(a\)"):
+        checks.check_selection(frame)
+    with pytest.raises(BoatrayError, match="validation split is empty"):
+        checks.check_selection(frame[frame.split != "valid"])
+    frame.loc[6, "split"] = "valid"
+    assert checks.check_selection(frame) == [
+        "note: the validation split has no image of 1 training class(es) (c): model "
+        "selection's macro F1 leaves them out"]
+
+
+def test_images_over_the_pixel_limit_are_counted_and_left_out(tree, tmp_path, capsys,
+                                                              monkeypatch, recwarn):
+    """No DecompressionBombWarning: the size is checked before anything is decoded (PIL's
+    own threshold lowered here, so that a small image stands for a 12000x12000 JPEG)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    big = tree / "train" / "boat00" / "big.jpg"
+    Image.new("RGB", (60, 30)).save(big)  # over PIL's 1000: it would warn
+    frame, _ = read_manifest(prepare(tree, tmp_path / "out", max_pixels=1500))
+    assert str(big) not in set(frame.path)
+    printed = capsys.readouterr().out
+    assert f"{big}: 60x30 = 1,800 pixels, over the limit of 1,500 (data.max_pixels)" in printed
+    kept, _ = read_manifest(prepare(tree, tmp_path / "again", max_pixels=1800))
+    assert str(big) in set(kept.path)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -203,6 +204,33 @@ def wait_for(process: subprocess.Popen, log_path: Path, reached, what: str) -> N
         time.sleep(0.2)
 
 
+def session_processes(session: int, name: str = "") -> list[int]:
+    """The processes of a sweep started in its own session (whose command starts with
+    `name`): its local Ray's too."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if (os.getsid(proc.pid) == session and proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and (proc.info["cmdline"] or [""])[0].startswith(name)):
+                found.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def kill_what_is_left(session: int) -> None:
+    """SIGKILL the Ray processes a killed sweep leaves behind (its workers have process groups
+    of their own, and a trial's process would go on writing checkpoints for a while)."""
+    for pid in session_processes(session):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while session_processes(session) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def assert_complete_histories(results: Path, trials: int, epochs: int) -> pd.DataFrame:
     """Every trial exactly once in trials.parquet, its epochs 1..last with none missing."""
     table = pd.read_parquet(Layout(results).trials)
@@ -215,7 +243,12 @@ def assert_complete_histories(results: Path, trials: int, epochs: int) -> pd.Dat
 def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
     """The driver is SIGKILLed while the pooled features are extracted, mid-trial, right after
     a trial finished, during features and during the report; each time `--resume` carries on,
-    and the finished run equals an uninterrupted one (same config and seed, same numbers)."""
+    and the finished run equals an uninterrupted one (same config and seed, same numbers).
+
+    On the way, two damages a kill (or a disk) can leave: the finished trial's checkpoint is
+    cut short (it trains again, said in one line), and Tune's experiment state is cut short
+    once the sweep has finished (the sweep is rebuilt from its trial folders, keeping both
+    finished trials)."""
     results = tmp_path / "killed" / "smoke"
 
     def log_has(text):
@@ -239,6 +272,16 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
             finished_before = saved_finished_trials(results / Layout.TUNE)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        kill_what_is_left(process.pid)  # nothing of it still writes what is damaged next
+        if what == "a finished trial":
+            cut_short(max((results / Layout.TUNE).glob("*-head-*/checkpoint_*/model.pt")))
+        if what == "the features stage":
+            cut_short(max((results / Layout.TUNE).glob("experiment_state-*.json")))
+    logs = [(tmp_path / f"run{number}.log").read_text() for number in range(len(points))]
+    assert re.search(r"\(head lr=1e-02 none r0\)[^\n]* checkpoint is damaged \(model.pt has "
+                     r"[\d,]+ bytes, its manifest says", logs[2])
+    assert "cannot be read (JSONDecodeError): the sweep is rebuilt from its trial folders: " \
+           "2 kept as they ended" in logs[4]
     last = subprocess.run([*sweep_command(tmp_path / "killed", *SMALL_SWEEP), "--resume"],
                           env=user_env(), capture_output=True, text=True, timeout=900)
     assert last.returncode == 0, (last.stdout + last.stderr)[-5000:]
@@ -253,6 +296,11 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
     assert clean.returncode == 0, (clean.stdout + clean.stderr)[-5000:]
     once = assert_complete_histories(tmp_path / "clean" / "smoke", trials=2, epochs=2)
     assert_same_numbers(results, tmp_path / "clean" / "smoke", killed, once)
+
+
+def cut_short(path: Path) -> None:
+    """Damage a file as a killed writer or a full disk leaves it: its first half only."""
+    os.truncate(path, path.stat().st_size // 2)
 
 
 def within(frame: pd.DataFrame, root: Path) -> pd.DataFrame:
@@ -306,6 +354,39 @@ def test_sigint_stops_cleanly_and_resume_finishes(tmp_path):
     assert_complete_histories(results, trials=2, epochs=2)
     report = (results / "report" / "report.md").read_text()
     assert "## This run" not in report
+
+
+def test_a_trial_killed_past_its_retries_fails_alone_and_says_so(tmp_path):
+    """train.max_failures=0, and the `all` trial's process is killed in its second epoch: one
+    console line names what was lost (Ray's traceback goes to logs/), the trial is `failed`
+    with its cause in trials.parquet, run_state.json, the report and the closing lines (exit
+    2), and only the trial that finished is selected and evaluated."""
+    results = tmp_path / "smoke"
+    log_path = tmp_path / "run.log"
+    process = start_sweep(tmp_path, log_path, "features.enabled=false", "train.max_failures=0")
+    wait_for(process, log_path, lambda: " all lr=1e-02 none r0 epoch 1/2" in log_path.read_text(),
+             "the all trial's first epoch")
+    for pid in session_processes(process.pid, "ray::ImplicitFunc"):
+        os.kill(pid, signal.SIGKILL)
+    assert process.wait(timeout=900) == 2
+    log = log_path.read_text()
+    failed = [line for line in log.splitlines() if " all lr=1e-02 none r0 FAILED (" in line]
+    assert len(failed) == 1 and "a Ray process was lost (ActorDiedError" in failed[0], log
+    assert "Traceback" not in log and "(raylet)" not in log
+    assert "Trial task failed" in (results / "logs" / "ray-errors.log").read_text()
+    table = pd.read_parquet(Layout(results).trials).groupby("freeze").last()
+    assert table["status"].to_dict() == {"all": "failed", "head": "finished"}
+    assert table.loc["all", "cause"].startswith("a Ray process was lost (ActorDiedError")
+    (failure,) = json.loads((results / "run_state.json").read_text())["failures"]
+    assert failure.startswith("fine-tuning sweep: trial ") and (
+        "(all lr=1e-02 none r0) failed after 1 epoch(s): a Ray process was lost" in failure)
+    assert f"error: {failure}" in log
+    assert [read_run(p)[1]["freeze"] for p in find_runs(results)] == ["head"]
+    report = (results / "report" / "report.md").read_text()
+    assert report.index("## Failed stages") < report.index("## Summary")
+    assert "(all lr=1e-02 none r0) failed after 1 epoch(s)" in report[:report.index("## Summary")]
+    shown = pd.read_csv(results / "report" / "tables" / "trials.csv").set_index("freeze")
+    assert shown.loc["all", "status"] == "failed" and shown.loc["head", "status"] == "finished"
 
 
 def test_selection_uses_the_mean_over_repeats():

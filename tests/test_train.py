@@ -3,6 +3,9 @@ freezing, evaluation, samplers, schedules, checkpoints, trainer."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -189,6 +192,42 @@ def test_checkpoint_restores_model_optimizer_scheduler_and_epoch(tmp_path, sched
         for key in state:
             assert torch.equal(torch.as_tensor(state[key]), torch.as_tensor(other[key]))
     assert checkpoints.read_meta(tmp_path)["epoch"] == 2
+
+
+def test_a_checkpoint_is_verified_by_its_manifest_and_a_damaged_one_never_used(tmp_path,
+                                                                             capsys):
+    """manifest.json (written last) records every file's size and sha256: a checkpoint cut
+    short or changed does not match it; a run resumes from the newest intact one beside it,
+    or from epoch 1 where there is none; `latest_checkpoint` passes damaged ones over."""
+    model = models.build("bettercnn", "none", CLASSES)
+    optimizer = engine.optimizer_over_all_stages(model, TrainConfig())
+    meta = {"classes": list("abcd"), "image_size": [30, 100],
+            "model": {"name": "bettercnn", "pooling": "avg", "weights": "none"}}
+    first, second = (checkpoints.save_checkpoint(tmp_path / checkpoints.checkpoint_name(e),
+                                                 model, optimizer, None, e, [], meta)
+                     for e in (1, 2))
+    listed = json.loads((second / checkpoints.MANIFEST_FILE).read_text())["files"]
+    assert set(listed) == {checkpoints.MODEL_FILE, checkpoints.STATE_FILE, checkpoints.META_FILE}
+    assert checkpoints.checkpoint_problem(second) is None
+    model_file = second / checkpoints.MODEL_FILE
+    size = model_file.stat().st_size
+    os.truncate(model_file, size // 2)
+    assert checkpoints.checkpoint_problem(second) == (
+        f"model.pt has {size // 2:,} bytes, its manifest says {size:,}")
+    assert checkpoints.resume_point(str(second)) == str(first)
+    assert checkpoints.latest_checkpoint(tmp_path) == str(first)
+    flipped = bytearray((first / checkpoints.STATE_FILE).read_bytes())
+    flipped[-1] ^= 1  # same size, other bytes
+    (first / checkpoints.STATE_FILE).write_bytes(bytes(flipped))
+    assert checkpoints.checkpoint_problem(first) == (
+        "train_state.pt does not match the sha256 in its manifest")
+    assert checkpoints.resume_point(str(second)) is None
+    assert checkpoints.latest_checkpoint(tmp_path) is None
+    (first / checkpoints.MANIFEST_FILE).unlink()
+    assert "no manifest.json" in checkpoints.checkpoint_problem(first)
+    printed = capsys.readouterr().out
+    assert f"[checkpoint] {second} is damaged (model.pt has" in printed
+    assert "training again from epoch 1" in printed
 
 
 def test_checkpoint_model_round_trips_through_the_weights_path(tmp_path):

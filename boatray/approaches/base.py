@@ -75,9 +75,10 @@ class Approach(abc.ABC):
         return self.title
 
     @abc.abstractmethod
-    def fit(self, context: Context) -> None:
+    def fit(self, context: Context) -> list[str] | None:
         """Fit on the study: write its run folders under runs/ and its models under models/;
-        on resume, keep what an earlier run finished."""
+        on resume, keep what an earlier run finished. Returns the parts that failed while the
+        rest stands (one line each, e.g. failed sweep trials), if any."""
 
     @abc.abstractmethod
     def plan(self, exp: Experiment, manifest: pd.DataFrame) -> Plan:

@@ -27,10 +27,10 @@ class Finetune(NetworkApproach):
         cfg = training.train
         return results.finetune_config_id(cfg.freeze, cfg.lr, cfg.scheduler)
 
-    def fit(self, context: Context) -> None:
+    def fit(self, context: Context) -> list[str]:
         from boatray.finetune.stage import run_stage
 
-        run_stage(context.exp, context.manifest, context.resume, self.name)
+        return run_stage(context.exp, context.manifest, context.resume, self.name)
 
     def label(self, record) -> str:
         if not record.get("freeze"):

@@ -11,6 +11,7 @@ import sys
 
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest, mardct, synthetic
+from boatray.data.imagefiles import MAX_PIXELS
 from boatray.errors import cli
 
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="share of each training class held out for validation when "
                               "there is no valid/ folder (default 0.15)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    prepare.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                         help="images of more pixels are left out, counted like unreadable "
+                              "ones (default: %(default)s)")
     generated = verbs.add_parser(
         "synthetic", description="Write a generated ImageFolder tree (boat-like shapes on "
                                  "water, learnable classes) for tests and smoke runs.",
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one verb; a user-facing error is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     if args.verb == "prepare":
-        manifest.prepare(args.source, args.out, args.protocol, args.valid_fraction, args.seed)
+        manifest.prepare(args.source, args.out, args.protocol, args.valid_fraction, args.seed,
+                         args.max_pixels)
     else:
         settings = {"classes": args.classes, "train_per_class": args.train_per_class,
                     "test_per_class": args.test_per_class, "image_size": args.size,

@@ -91,7 +91,7 @@ def _build(rows: pd.DataFrame, size: tuple[int, int], folder: Path,
     temporary.mkdir()
     try:
         started = time.monotonic()
-        arrays = {split: _allocate(temporary / f"{split}.npy", (len(paths), height, width, 3))
+        arrays = {split: allocate(temporary / f"{split}.npy", (len(paths), height, width, 3))
                   for split, paths in splits.items()}
         for split, paths in splits.items():
             _decode_into(arrays[split], paths, size, threads)
@@ -118,10 +118,10 @@ def _not_used(why: str) -> None:
           flush=True)
 
 
-def _allocate(file: Path, shape: tuple[int, ...]) -> np.memmap:
-    """A uint8 .npy of `shape` mapped for writing, its blocks reserved on disk first (a full
-    disk then raises ENOSPC here, not SIGBUS when a mapped page is written)."""
-    array = np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8, shape=shape)
+def allocate(file: Path, shape: tuple[int, ...], dtype: str | type = np.uint8) -> np.memmap:
+    """A .npy of `shape` mapped for writing, its blocks reserved on disk first (a full disk
+    then raises ENOSPC here, not SIGBUS when a mapped page is written)."""
+    array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
     with open(file, "r+b") as handle:
         os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
     return array

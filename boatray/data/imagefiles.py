@@ -2,13 +2,15 @@
 
 Every image is decoded completely, exactly as the training pipeline will (`images.to_rgb`),
 on a thread per core (PIL releases the GIL while it decodes): a JPEG whose end marker is
-intact can still be damaged in the middle, which only a full decode finds. The broken files
-are counted and listed, never silently dropped.
+intact can still be damaged in the middle, which only a full decode finds. An image of more
+pixels than a limit (`data.max_pixels`) is not decoded at all. The files left out are counted
+and listed, never silently dropped.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +21,9 @@ from PIL import Image, UnidentifiedImageError
 from boatray.data.images import to_rgb
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+MAX_PIXELS = 89_478_485
+"""Images of more pixels are left out like unreadable ones (`data.max_pixels`); PIL's own
+decompression-bomb threshold, far above any camera frame (MarDCT's are 800x240)."""
 
 
 def is_image_name(path: Path) -> bool:
@@ -31,17 +36,23 @@ def is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name == "__MACOSX"
 
 
-def image_problem(path: Path) -> str | None:
+def image_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
     """Why `path` cannot be used as an image, or None when it decodes completely."""
     try:
         if path.stat().st_size == 0:
             return "empty file"
         with Image.open(path) as image:
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                return (f"{image.width}x{image.height} = {pixels:,} pixels, over the limit of "
+                        f"{max_pixels:,} (data.max_pixels)")
             to_rgb(image)
         return None
     except UnidentifiedImageError:
         return "not an image"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:  # over twice PIL's own limit: not even opened
+        return f"over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, PIL's own limit"
+    except (OSError, ValueError, SyntaxError) as exc:
         return f"cannot decode ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
 
 
@@ -77,11 +88,15 @@ class Exclusions:
         return out or ["nothing excluded"]
 
 
-def keep_intact(paths: list[Path], exclusions: Exclusions) -> list[Path]:
-    """The paths that are intact images; the others are recorded in `exclusions`."""
+def keep_intact(paths: list[Path], exclusions: Exclusions,
+                max_pixels: int = MAX_PIXELS) -> list[Path]:
+    """The paths that are intact images of at most `max_pixels` pixels; the others are
+    recorded in `exclusions`."""
     kept = []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        problems = list(pool.map(image_problem, paths))
+    # the size is checked before decoding: PIL's own warning about large images is noise
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        problems = list(pool.map(lambda path: image_problem(path, max_pixels), paths))
     for path, problem in zip(paths, problems):
         if problem is None:
             kept.append(path)

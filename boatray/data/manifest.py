@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from boatray.config import Experiment, to_dict
-from boatray.data import archives, mardct, synthetic
-from boatray.data.imagefiles import Exclusions, is_hidden, keep_intact, list_images
+from boatray.data import archives, checks, mardct, synthetic
+from boatray.data.imagefiles import MAX_PIXELS, Exclusions, is_hidden, keep_intact, list_images
 from boatray.errors import BoatrayError
 from boatray.results import atomic_write_parquet, atomic_write_text
 
@@ -36,11 +37,13 @@ Items = dict[str, list[tuple[Path, str]]]  # split -> (image path, label)
 
 
 def prepare(source: str | Path, out_dir: str | Path, protocol: str = "lab16",
-            valid_fraction: float = 0.15, seed: int = 0) -> Path:
+            valid_fraction: float = 0.15, seed: int = 0, max_pixels: int = MAX_PIXELS) -> Path:
     """Write `out_dir/manifest.parquet` from `source`, print the per-class counts, return its path.
 
     `protocol` (lab16 or full) applies to the raw MarDCT layout; an ImageFolder tree is taken
-    as it is. Zip archives are extracted once under `out_dir/raw/`.
+    as it is. Zip archives are extracted once under `out_dir/raw/`. Images of more than
+    `max_pixels` pixels are left out like unreadable ones. Data that cannot make a study is
+    refused (data.checks).
     """
     mardct.check_protocol(protocol)
     if not 0.0 <= valid_fraction < 1.0:
@@ -51,18 +54,21 @@ def prepare(source: str | Path, out_dir: str | Path, protocol: str = "lab16",
     created = not out_dir.exists()
     _make_folder(out_dir)
     try:
-        return _prepare(source, out_dir, protocol, valid_fraction, seed)
+        return _prepare(source, out_dir, protocol, valid_fraction, seed, max_pixels)
     except BaseException:
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a failed prepare leaves no empty folder behind
         raise
 
 
-def _prepare(source: Path, out_dir: Path, protocol: str, valid_fraction: float, seed: int
-             ) -> Path:
+def _prepare(source: Path, out_dir: Path, protocol: str, valid_fraction: float, seed: int,
+             max_pixels: int) -> Path:
     exclusions = Exclusions()
     items, described = _collect(source, protocol, out_dir / "raw", exclusions)
-    frame, classes = _assemble(items, exclusions)
+    frame, classes = _assemble(items, exclusions, max_pixels)
+    checks.check_classes(frame, Counter(label for _, label in items.get("train", [])),
+                         exclusions.unreadable)
+    checks.check_test(frame, exclusions.labels)
     if items.get("valid"):
         validation = "validation from the valid/ folder"
     else:
@@ -117,7 +123,7 @@ def ensure_manifest(exp: Experiment) -> Path:
         prepared = None
     inputs = {"source": str(Path(source).expanduser().resolve()) if source else None,
               "protocol": exp.data.protocol, "valid_fraction": exp.data.valid_fraction,
-              "seed": exp.seed,
+              "seed": exp.seed, "max_pixels": exp.data.max_pixels,
               "synthetic": None if source else to_dict(exp.data.synthetic),
               "prepared": prepared and prepared.stat().st_mtime_ns}
     manifest, stamp = data_dir / MANIFEST, data_dir / INPUTS
@@ -127,6 +133,8 @@ def ensure_manifest(exp: Experiment) -> Path:
     stamp.unlink(missing_ok=True)
     if prepared is not None:
         frame, classes = read_manifest(prepared)
+        checks.check_classes(frame, Counter(), [])
+        checks.check_test(frame, ())
         path = atomic_write_parquet(manifest, frame)
         print(f"data: the manifest prepared in {source}, as prepared (data.protocol and "
               f"data.valid_fraction apply to raw sources only): {len(classes)} training "
@@ -136,7 +144,8 @@ def ensure_manifest(exp: Experiment) -> Path:
             tree = synthetic.generate(data_dir / "synthetic", exp.data.synthetic, exp.seed)
             print(f"data: SYNTHETIC images generated in {tree} (data.source is null)")
             source = tree
-        path = prepare(source, data_dir, exp.data.protocol, exp.data.valid_fraction, exp.seed)
+        path = prepare(source, data_dir, exp.data.protocol, exp.data.valid_fraction, exp.seed,
+                       exp.data.max_pixels)
     atomic_write_text(stamp, json.dumps(inputs, indent=2) + "\n")
     return path
 
@@ -192,6 +201,9 @@ def read_imagefolder(root: Path, exclusions: Exclusions) -> Items:
                 exclusions.note(f"ignored files outside class folders in {split}/", str(entry))
                 continue
             images = list_images(entry, exclusions)
+            if not images and split == "train":
+                raise BoatrayError(f"class {entry.name!r} has no training image: {entry} holds "
+                                   "none; add images or remove the folder")
             if not images:
                 exclusions.note("empty class folders", str(entry))
             items[split] += [(path, entry.name) for path in images]
@@ -211,10 +223,11 @@ def _collect(source: Path, protocol: str, cache: Path, exclusions: Exclusions
     return mardct.read(root, protocol, cache, exclusions), f"MarDCT {protocol} from {source}"
 
 
-def _assemble(items: Items, exclusions: Exclusions) -> tuple[pd.DataFrame, list[str]]:
+def _assemble(items: Items, exclusions: Exclusions, max_pixels: int
+              ) -> tuple[pd.DataFrame, list[str]]:
     """Integrity-checked rows; evaluation images need a training class to be kept."""
     train = items.get("train", [])
-    intact = set(keep_intact([path for path, _ in train], exclusions))
+    intact = set(keep_intact([path for path, _ in train], exclusions, max_pixels))
     rows = [(path, label, "train") for path, label in train if path in intact]
     classes = sorted({label for _, label, _ in rows})
     if not classes:
@@ -225,9 +238,13 @@ def _assemble(items: Items, exclusions: Exclusions) -> tuple[pd.DataFrame, list[
         for path, label in items.get(split, []):
             if label in classes:
                 known.append((path, label))
+            elif split == "valid":
+                raise BoatrayError(f"class {label!r} has validation images but no training "
+                                   f"image: add training images of it or remove its "
+                                   f"validation folder ({Path(path).parent})")
             else:
-                exclusions.labels[label if split == "test" else f"{label} (in valid/)"] += 1
-        intact = set(keep_intact([path for path, _ in known], exclusions))
+                exclusions.labels[label] += 1
+        intact = set(keep_intact([path for path, _ in known], exclusions, max_pixels))
         rows += [(path, label, split) for path, label in known if path in intact]
     index = {name: i for i, name in enumerate(classes)}
     frame = pd.DataFrame({

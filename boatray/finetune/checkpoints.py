@@ -1,20 +1,25 @@
-"""The checkpoint format of a training run, and finding a run's latest checkpoint.
+"""The checkpoint format of a training run, and finding a run's latest intact checkpoint.
 
 A checkpoint folder holds model.pt (the unwrapped model's state dict: what trained, and in
 model.refs.json the frozen tensors kept once in the results folder's weight store,
 weightstore.py), train_state.pt (optimizer, scheduler, finished epochs) and meta.json (classes,
 model, image size, freeze spec, seed, epoch and the per-epoch history): enough to resume, to
 predict, and to rebuild the model without the experiment config. The checkpoint of a finished
-sweep trial keeps no train_state.pt (`finalize`): it never trains again.
+sweep trial keeps no train_state.pt (`finalize`): it never trains again. manifest.json, written
+last, records the size and sha256 of every other file in the folder: a checkpoint cut short (a
+killed writer, a full disk) or damaged later does not match it, and is never resumed from or
+evaluated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from pyarrow import fs
 from torch import nn
 
 from boatray import models, storage, weightstore
@@ -23,6 +28,7 @@ from boatray.errors import BoatrayError
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 KEEP_CHECKPOINTS = 1
 """Checkpoints kept per run: the latest, which is enough to resume and to predict."""
@@ -49,7 +55,54 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                 "epoch": epoch}, directory / STATE_FILE)
     record = {**meta, "epoch": epoch, "history": history}
     (directory / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_manifest(directory)
     return directory
+
+
+def write_manifest(directory: str | Path) -> Path:
+    """Record the size and sha256 of every file in a checkpoint folder (whatever it holds) in
+    its manifest.json; call it last, once every other file is written."""
+    directory = Path(directory)
+    files = {path.relative_to(directory).as_posix(): {"size": path.stat().st_size,
+                                                       "sha256": _sha256(str(path))}
+             for path in sorted(directory.rglob("*"))
+             if path.is_file() and path.relative_to(directory).as_posix() != MANIFEST_FILE}
+    target = directory / MANIFEST_FILE
+    target.write_text(json.dumps({"files": files}, indent=2) + "\n")
+    return target
+
+
+def checkpoint_problem(location: str | Path) -> str | None:
+    """Why the checkpoint folder at `location` (a local path or a storage URI) cannot be used,
+    or None when every file its manifest lists is there with the recorded size and sha256.
+
+    Files in a remote storage are checked by size only (hashing would download them)."""
+    filesystem, base = storage.open_location(location)
+    try:
+        with filesystem.open_input_stream(f"{base}/{MANIFEST_FILE}") as stream:
+            listed = json.loads(stream.read())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE} (written last: the checkpoint is incomplete)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {MANIFEST_FILE} cannot be read ({type(exc).__name__})"
+    digests = not storage.is_remote(location)
+    for name, expected in listed.items():
+        info = filesystem.get_file_info(f"{base}/{name}")
+        if info.type != fs.FileType.File:
+            return f"{name} is missing"
+        if info.size != expected["size"]:
+            return f"{name} has {info.size:,} bytes, its manifest says {expected['size']:,}"
+        if digests and _sha256(f"{base}/{name}", filesystem) != expected["sha256"]:
+            return f"{name} does not match the sha256 in its manifest"
+    return None
+
+
+def _sha256(path: str, filesystem: fs.FileSystem | None = None) -> str:
+    digest = hashlib.sha256()
+    with (filesystem or fs.LocalFileSystem()).open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def restore_checkpoint(directory: str | Path, model: nn.Module,
@@ -92,7 +145,13 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def finalize(checkpoint: str) -> None:
     """Drop the optimizer state (train_state.pt) of a finished trial's checkpoint (a local path
-    or URI): it never trains again, and Adam's state is twice the size of what trained."""
+    or URI): it never trains again, and Adam's state is twice the size of what trained. Its
+    manifest stops listing the file first, so that a stop in between leaves it intact."""
+    manifest = storage.join(checkpoint, MANIFEST_FILE)
+    if storage.is_file(manifest):
+        listed = json.loads(storage.read_bytes(manifest))
+        if listed["files"].pop(STATE_FILE, None) is not None:
+            storage.write_bytes(manifest, (json.dumps(listed, indent=2) + "\n").encode())
     storage.delete(storage.join(checkpoint, STATE_FILE))
 
 
@@ -101,19 +160,66 @@ def checkpoint_name(epoch: int) -> str:
     return f"{CHECKPOINT_PREFIX}{epoch:04d}"
 
 
-def latest_checkpoint(folder: str | Path) -> str | None:
-    """The checkpoint with the most finished epochs anywhere under a run folder (a local path
-    or a storage URI), as the same kind of location; None where there is none.
+def checkpoints_under(folder: str | Path) -> list[tuple[int, str]]:
+    """(finished epochs, location) of every checkpoint anywhere under a run folder (a local
+    path or a storage URI), newest first; the epochs of one whose meta.json cannot be read
+    are -1 (it is damaged: `checkpoint_problem` says how).
 
     A run folder holds its checkpoints directly (LocalSession, Ray Train) or one level down in
     a Tune trial folder (TrialSession).
     """
-    best: tuple[int, str] | None = None
+    found = []
     for location, relative in storage.files_under(folder):
         parts = relative.parts
-        if relative.name != META_FILE or len(parts) > 3 or any(p.startswith(".") for p in parts):
+        if relative.name not in (META_FILE, MANIFEST_FILE) or len(parts) > 3 or any(
+                p.startswith(".") for p in parts):
             continue  # not a checkpoint's, or one being written
-        epoch = int(json.loads(storage.read_bytes(location)).get("epoch", 0))
-        if best is None or (epoch, location) > best:
-            best = (epoch, storage.parent(location))
-    return None if best is None else best[1]
+        checkpoint = storage.parent(location)
+        if any(c == checkpoint for _, c in found):
+            continue
+        try:
+            epoch = int(json.loads(storage.read_bytes(storage.join(checkpoint, META_FILE)))[
+                "epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            epoch = -1
+        found.append((epoch, checkpoint))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(folder: str | Path) -> str | None:
+    """The intact checkpoint with the most finished epochs anywhere under a run folder (a local
+    path or a storage URI), as the same kind of location; None where there is none. A damaged
+    one is passed over, with a line saying so."""
+    for _, location in checkpoints_under(folder):
+        problem = checkpoint_problem(location)
+        if problem is None:
+            return location
+        print(f"[checkpoint] {location} is damaged ({problem}): not used", flush=True)
+    return None
+
+
+def intact_or_beside(location: str) -> tuple[str | None, str | None]:
+    """(the checkpoint to use, why `location` is not it): `location` when it is intact, else
+    the newest intact checkpoint in the same folder (an earlier epoch of the same run), else
+    None."""
+    problem = checkpoint_problem(location)
+    if problem is None:
+        return location, None
+    folder = storage.parent(location)
+    for _, other in checkpoints_under(folder):
+        if other != location and checkpoint_problem(other) is None:
+            return other, problem
+    return None, problem
+
+
+def resume_point(location: str | None) -> str | None:
+    """Where a run resumes when it was told to resume from the checkpoint at `location`: that
+    checkpoint when it is intact, else the newest intact one beside it, else None (it starts
+    again from epoch 1); a line says which when `location` is damaged."""
+    if location is None:
+        return None
+    usable, problem = intact_or_beside(location)
+    if problem is not None:
+        instead = f"resuming from {usable}" if usable else "training again from epoch 1"
+        print(f"[checkpoint] {location} is damaged ({problem}): {instead}", flush=True)
+    return usable

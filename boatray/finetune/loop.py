@@ -153,7 +153,7 @@ def train_loop(config: dict, session: sessions.Session) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function (runs with 2+ workers): the loop on one DDP rank."""
-    train_loop(config, sessions.WorkerSession())
+    train_loop(config, sessions.WorkerSession(config["experiment"]["storage_path"]))
 
 
 def train_in_trial(config: dict, earlier: str | None = None) -> None:
@@ -161,4 +161,5 @@ def train_in_trial(config: dict, earlier: str | None = None) -> None:
     `earlier`: the checkpoint of an earlier run of the same name to resume from when Tune
     holds none for this trial."""
     use_gpu = from_dict(config["experiment"]).train.use_gpu
-    train_loop(config, sessions.TrialSession(device_for(use_gpu), earlier))
+    train_loop(config, sessions.TrialSession(device_for(use_gpu),
+                                             config["experiment"]["storage_path"], earlier))

@@ -29,7 +29,7 @@ from torch import nn
 
 from boatray import freezing, models, precision, storage
 from boatray.config import Experiment
-from boatray.data.decoded import MappedSplit, rows_digest
+from boatray.data.decoded import MappedSplit, allocate, rows_digest
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
 from boatray.features import featurefile
@@ -208,9 +208,9 @@ def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module |
     temporary.mkdir(parents=True)
     try:
         counts = rows.split.value_counts()
-        arrays = {split: np.lib.format.open_memmap(
-            temporary / f"{split}.npy", mode="w+", dtype=DTYPE,
-            shape=(int(counts.get(split, 0)), *shape)) for split in SPLITS}
+        arrays = {split: allocate(temporary / f"{split}.npy",
+                                  (int(counts.get(split, 0)), *shape), DTYPE)
+                  for split in SPLITS}
         filled = dict.fromkeys(SPLITS, 0)
         started = time.monotonic()
         batches, settings = (_batches_from(features) if features is not None

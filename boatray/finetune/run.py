@@ -58,7 +58,8 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
     with checkpoint.as_directory() as directory:
         export.export_checkpoint(directory, exp.layout.models / run_dir.name,
                                  record["approach"])
-        cache = read_meta(directory).get("prefix_cache")
+        cache = read_meta(directory).get("prefix_cache")  # where it was when the run trained
+    cache = cache and prefix_cache.location(exp, storage.name(cache))
     write_run(run_dir, predictions, RunRecord.from_json({
         "name": run_dir.name, "config": exp.to_dict(),
         "model": exp.model.name, "freeze": cfg.freeze, "lr": cfg.lr,

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from boatray.finetune.checkpoints import CHECKPOINT_PREFIX, checkpoint_name, latest_checkpoint
+from boatray import storage
+from boatray.finetune.checkpoints import (
+    CHECKPOINT_PREFIX,
+    checkpoint_name,
+    latest_checkpoint,
+    resume_point,
+)
 
 WriteCheckpoint = Callable[[Path], object]
 """Writes the run's checkpoint (model, optimizer, scheduler, meta) into the folder given."""
@@ -83,6 +89,17 @@ def _open(location: str | None) -> contextlib.AbstractContextManager:
     return Checkpoint(location).as_directory()
 
 
+def _resume(checkpoint, storage_path: str, earlier: str | None = None
+            ) -> contextlib.AbstractContextManager:
+    """Ray's checkpoint to resume from (else `earlier`, a location) as a local folder for a
+    `with` block, or the newest intact one beside it where it is damaged
+    (checkpoints.resume_point), or None. `storage_path`: the experiment's, whose kind (and a
+    URI's query, e.g. its endpoint) the checkpoint's location takes."""
+    location = earlier if checkpoint is None else storage.same_kind(storage_path,
+                                                                    checkpoint.path)
+    return _open(resume_point(location))
+
+
 class LocalSession(Session):
     """In the calling process: the latest checkpoint is kept in the run folder."""
 
@@ -115,24 +132,20 @@ class TrialSession(Session):
     """Inside a Ray Tune trial's process: Tune stores the checkpoints and restarts from them.
 
     `resume_from`: a checkpoint of an earlier run of the same name (a single run resumed),
-    used when Tune has none for this trial.
+    used when Tune has none for this trial. `storage_path`: the experiment's.
     """
 
-    def __init__(self, device: torch.device, earlier: str | None = None) -> None:
+    def __init__(self, device: torch.device, storage_path: str,
+                 earlier: str | None = None) -> None:
         super().__init__(device)
-        self.earlier = earlier
+        self.storage_path, self.earlier = storage_path, earlier
 
     @contextlib.contextmanager
     def resume_from(self) -> Iterator[Path | None]:
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            with _open(self.earlier) as directory:
-                yield None if directory is None else Path(directory)
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+        with _resume(tune.get_checkpoint(), self.storage_path, self.earlier) as directory:
+            yield None if directory is None else Path(directory)
 
     def report(self, metrics: dict, write: WriteCheckpoint) -> None:
         from ray import tune
@@ -147,13 +160,15 @@ class TrialSession(Session):
 
 
 class WorkerSession(Session):
-    """One rank of a Ray Train worker group (DDP); rank 0 saves the checkpoint."""
+    """One rank of a Ray Train worker group (DDP); rank 0 saves the checkpoint.
+    `storage_path`: the experiment's."""
 
-    def __init__(self) -> None:
+    def __init__(self, storage_path: str) -> None:
         import ray.train
         import ray.train.torch
 
         super().__init__(ray.train.torch.get_device())
+        self.storage_path = storage_path
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
 
@@ -171,12 +186,8 @@ class WorkerSession(Session):
     def resume_from(self) -> Iterator[Path | None]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+        with _resume(ray.train.get_checkpoint(), self.storage_path) as directory:
+            yield None if directory is None else Path(directory)
 
     def report(self, metrics: dict, write: WriteCheckpoint) -> None:
         import ray.train

@@ -1,6 +1,7 @@
 """The study's fine-tuning stage: the sweep, its trials table, and the test evaluation of the
 selected configurations (the best overall and the best per freeze spec), each repeat a run.
-The finished trials' checkpoints then drop their optimizer state (checkpoints.finalize)."""
+The finished trials' checkpoints then drop their optimizer state (checkpoints.finalize).
+Only trials that finished are selected; the failed ones are the stage's partial failures."""
 
 from __future__ import annotations
 
@@ -11,26 +12,33 @@ import pandas as pd
 
 from boatray import results, storage
 from boatray.config import Experiment
+from boatray.errors import BoatrayError
 from boatray.finetune import checkpoints, trials, tuning
 from boatray.finetune.run import evaluate_and_write
 from boatray.finetune.trainer import check_inputs
 
 
-def run_stage(exp: Experiment, manifest: Path, resume: bool, approach: str) -> None:
+def run_stage(exp: Experiment, manifest: Path, resume: bool, approach: str) -> list[str]:
     """Fine-tuning sweep, its trials table, and test evaluation of the selected configurations
-    (their run records say `approach`)."""
+    (from the trials that finished; their run records say `approach`); return one line per
+    failed trial."""
     check_inputs(exp, manifest)
     grid = tuning.run_sweep(exp, manifest, resume=resume)
     table = trials.trials_table(exp, grid)
     written = trials.write_trials(exp, table)
-    errors = [r.error for r in grid if r.error]
-    print(f"[sweep] {table['trial_id'].nunique()} trials, {len(errors)} failed; "
+    failed = trials.failures(table)
+    print(f"[sweep] {table['trial_id'].nunique()} trials, {len(failed)} failed; "
           f"{written.name} written", flush=True)
-    for choice in trials.select(table, exp.sweep.metric):
+    chosen = trials.select(table, exp.sweep.metric)
+    if not chosen:
+        raise BoatrayError(f"no trial of the sweep finished ({failed[0]}); the others are in "
+                           f"{written}")
+    for choice in chosen:
         for trial in choice["trials"]:
             evaluate_trial(exp, manifest, choice, trial, table, approach)
-    for path in table.loc[table["status"] == "finished", trials.CHECKPOINT_PATH].unique():
+    for path in table.loc[table["status"] == trials.FINISHED, trials.CHECKPOINT_PATH].unique():
         checkpoints.finalize(storage.same_kind(exp.storage_uri, path))
+    return failed
 
 
 def evaluate_trial(exp: Experiment, manifest: Path, choice: dict, trial: dict,

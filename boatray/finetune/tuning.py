@@ -5,6 +5,10 @@ process: Tune keeps its checkpoints, retries it from the last one (FailureConfig
 `reuse_actors`, hands the process to the next trial, so start-up is paid per slot, not per
 trial. A trial with 2+ workers drives a TorchTrainer (DDP) whose metrics reach Tune through
 `TuneReportCallback`. Every frozen-prefix cache the trials can use is computed first.
+
+A resumed sweep whose Tune state cannot be used is rebuilt from its trial folders
+(finetune/rebuild.py): a new Tune experiment runs the trials that did not end with an intact
+checkpoint, each from its newest intact checkpoint where it has one.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from ray.tune.execution.placement_groups import (
 )
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from boatray import console, interrupt, sizing, storage
 from boatray.config import Experiment
 from boatray.errors import BoatrayError
-from boatray.finetune import prefix_cache
-from boatray.finetune.checkpoints import KEEP_CHECKPOINTS
+from boatray.finetune import prefix_cache, rebuild
+from boatray.finetune.checkpoints import KEEP_CHECKPOINTS, latest_checkpoint
 from boatray.finetune.loop import loop_config, train_in_trial
 from boatray.finetune.stale_checkpoints import RecoverCheckpoints
 from boatray.finetune.trainer import make_trainer, worker_resources
@@ -79,19 +84,23 @@ def trial_resources(exp: Experiment, caches: dict[str, str | None] | None = None
 
 
 def run_trial(config: dict, experiment: Experiment, manifest: str, train_storage: str,
-              caches: dict[str, str | None]) -> None:
+              caches: dict[str, str | None], earlier: dict[str, str] | None = None) -> None:
     """One Tune trial with this configuration: the training loop here (1 worker), or a
     TorchTrainer whose metrics flow back to Tune (2+ workers).
 
     The Train run is named after the trial id, which survives a Tuner restore, so a resumed
     trial resumes its Train run from the last checkpoint. `caches`: `sweep_caches`.
+    `earlier`: in a rebuilt sweep, the folder of each configuration's earlier trial, whose
+    newest intact checkpoint (or Train run) it resumes from when Tune has none for it.
     """
     exp = trial_experiment(experiment, config)
     cache = caches.get(_cache_slot(config["freeze"], config["repeat"]))
+    before = (earlier or {}).get(rebuild.config_key(config))
     if in_trial_process(exp):
-        train_in_trial(loop_config(exp, manifest, cache))
+        train_in_trial(loop_config(exp, manifest, cache), before and latest_checkpoint(before))
         return
-    name = tune.get_context().get_trial_id()
+    name = (storage.name(before).split("-")[0] if before
+            else tune.get_context().get_trial_id())
     trainer = make_trainer(exp, Path(manifest), name=name, storage_path=train_storage,
                            callbacks=[TuneReportCallback()], cache=cache)
     trainer.fit()
@@ -209,50 +218,102 @@ def _error_name(trial) -> str:
         return f"see {trial.error_file}"
 
 
-def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> tune.ResultGrid:
-    """Run (or resume) the Tune sweep of fine-tuning trials and return its results; raise
-    `interrupt.Interrupted` when a signal stopped it (its state is saved for --resume)."""
-    root = exp.storage_uri
-    tune_path = storage.join(root, Layout.TUNE)
+def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> list[tune.Result]:
+    """Run (or resume, or rebuild) the Tune sweep of fine-tuning trials and return every
+    trial's result; raise `interrupt.Interrupted` when a signal stopped it (its state is saved
+    for --resume)."""
+    tune_path = storage.join(exp.storage_uri, Layout.TUNE)
     restore = tune.Tuner.can_restore(tune_path)
     if restore and not resume:
         raise BoatrayError(f"{tune_path} holds an earlier sweep: pass --resume to finish it, "
                            f"or give this experiment a new name (--set name=...)")
     caches = sweep_caches(exp, manifest)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, experiment=exp, manifest=str(manifest),
-                             train_storage=storage.join(root, Layout.TRAIN), caches=caches),
-        trial_resources(exp, caches))
-    if restore:
+    if not restore:
+        return _fit(_tuner(exp, manifest, caches, param_space(exp), _search_alg(exp),
+                           1 if exp.sweep.search == "grid" else exp.sweep.num_samples,
+                           trial_count(exp)))
+    folders = rebuild.trial_folders(exp)
+    for line in rebuild.damage_lines(folders):
+        print(f"[sweep] {line}", flush=True)
+    problem = rebuild.problem(tune_path, folders)
+    if not problem:
         print(f"[sweep] resuming {tune_path}", flush=True)
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        concurrency = exp.sweep.max_concurrent_trials
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(exp),
-            tune_config=tune.TuneConfig(
-                scheduler=_scheduler(exp), search_alg=_search_alg(exp),
-                num_samples=1 if exp.sweep.search == "grid" else exp.sweep.num_samples,
-                max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname,
-                reuse_actors=in_trial_process(exp)),
-            run_config=tune.RunConfig(
-                name=Layout.TUNE, storage_path=root, verbose=0,
-                # Tune retries a trial from its last checkpoint when its process is lost (its
-                # node with it); a Train run retries its workers itself, and a trial whose
-                # driver was lost resumes its Train run (same name) from the last checkpoint
-                failure_config=tune.FailureConfig(max_failures=exp.train.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                callbacks=[console.TrialLines(
-                    trial_count(exp), exp.train.epochs, exp.sweep.metric,
-                    {(f, int(r)) for f, r in (slot.split("/") for slot, cache in caches.items()
-                                              if cache)}),
-                    GracefulStop(), RecoverCheckpoints(), RetryLines(exp.train.max_failures),
-                    *_logger_callbacks(exp)]))
-    results = tuner.fit()
+        try:
+            tuner = tune.Tuner.restore(tune_path, trainable=_trainable(exp, manifest, caches),
+                                       resume_unfinished=True, resume_errored=True)
+        except Exception as exc:  # noqa: BLE001 - Tune's own state files, in any way damaged
+            problem = f"Tune cannot restore it ({type(exc).__name__})"
+    if problem:
+        return _rebuilt(exp, manifest, caches, rebuild.plan(exp, folders, trial_count(exp)),
+                        problem)
+    results = _fit(tuner)
+    return results + rebuild.kept_outside(results, folders)
+
+
+def _fit(tuner: tune.Tuner) -> list[tune.Result]:
+    """Every trial's result of a Tune experiment; `interrupt.Interrupted` after a signal."""
+    results = list(tuner.fit())
     interrupt.after_tune()
     return results
+
+
+def _rebuilt(exp: Experiment, manifest: Path, caches: dict[str, str | None],
+             plan: rebuild.Rebuild, problem: str) -> list[tune.Result]:
+    """The sweep rebuilt as `plan` says, because of `problem` (one line says both): a new Tune
+    experiment of the configurations to run again, and the results of the trials kept."""
+    print(f"[sweep] {Layout.TUNE}/: {problem}: {plan.line()}", flush=True)
+    rebuild.set_aside(storage.join(exp.storage_uri, Layout.TUNE))
+    if not (plan.points or plan.fresh):
+        return plan.kept_results()
+    space = {"freeze": tune.choice(exp.sweep.freeze),
+             "lr": tune.choice(exp.sweep.lr) if exp.sweep.search == "grid"
+             else param_space(exp)["lr"],
+             "scheduler": tune.choice(exp.sweep.scheduler),
+             "repeat": tune.choice(list(range(exp.sweep.repeats)))}
+    count = len(plan.points) + plan.fresh
+    search = BasicVariantGenerator(points_to_evaluate=plan.points,
+                                   max_concurrent=exp.sweep.max_concurrent_trials)
+    earlier = {key: folder.location for key, folder in plan.resumed.items()}
+    return _fit(_tuner(exp, manifest, caches, space, search, count, count, earlier)) + (
+        plan.kept_results())
+
+
+def _trainable(exp: Experiment, manifest: Path, caches: dict[str, str | None],
+               earlier: dict[str, str] | None = None):
+    return tune.with_resources(
+        tune.with_parameters(run_trial, experiment=exp, manifest=str(manifest),
+                             train_storage=storage.join(exp.storage_uri, Layout.TRAIN),
+                             caches=caches,
+                             earlier=earlier or {}),
+        trial_resources(exp, caches))
+
+
+def _tuner(exp: Experiment, manifest: Path, caches: dict[str, str | None], space: dict,
+           search_alg, num_samples: int, total: int,
+           earlier: dict[str, str] | None = None) -> tune.Tuner:
+    """A new Tune experiment of the sweep's trials (`total` of them) in tune/."""
+    return tune.Tuner(
+        _trainable(exp, manifest, caches, earlier),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            scheduler=_scheduler(exp), search_alg=search_alg, num_samples=num_samples,
+            # a BasicVariantGenerator (a rebuilt sweep's points) caps its own concurrency
+            max_concurrent_trials=None if isinstance(search_alg, BasicVariantGenerator)
+            else exp.sweep.max_concurrent_trials,
+            trial_dirname_creator=_trial_dirname, reuse_actors=in_trial_process(exp)),
+        run_config=tune.RunConfig(
+            name=Layout.TUNE, storage_path=exp.storage_uri, verbose=0,
+            # Tune retries a trial from its last checkpoint when its process is lost (its
+            # node with it); a Train run retries its workers itself, and a trial whose
+            # driver was lost resumes its Train run (same name) from the last checkpoint
+            failure_config=tune.FailureConfig(max_failures=exp.train.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=[console.TrialLines(
+                total, exp.train.epochs, exp.sweep.metric,
+                {(f, int(r)) for f, r in (slot.split("/") for slot, cache in caches.items()
+                                          if cache)}),
+                GracefulStop(), RecoverCheckpoints(), RetryLines(exp.train.max_failures),
+                *_logger_callbacks(exp)]))
 
 
 def trial_count(exp: Experiment) -> int:

@@ -66,6 +66,10 @@ def status_section(study: LoadedResults) -> Section | None:
         return Section("This run was interrupted", [
             f"The run was stopped by {state.get('signal', 'a signal')} before it finished. "
             f"{partial} Finish it with: {state.get('resume', '--resume')}"])
+    if status == "failed":
+        return Section("This run failed", [
+            f"The run stopped: {state.get('cause', 'see run_state.json')}. {partial} Finish it "
+            f"with: {state.get('resume', '--resume')}"])
     if status == "running":
         return Section("This run has not finished", [
             "run_state.json says the run is still running, or its driver was killed. "
@@ -73,7 +77,7 @@ def status_section(study: LoadedResults) -> Section | None:
     failures = state.get("failures") or []
     if failures:
         return Section("Failed stages", [
-            "These stages failed; what they would have produced is missing below:",
+            "These stages (or trials) failed; what they would have produced is missing below:",
             [str(failure) for failure in failures]])
     return None
 

@@ -253,11 +253,12 @@ def _trial_config(trials: pd.DataFrame, key: str) -> pd.Series | None:
 
 
 def sweep_trials(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One row per trial: its config, epochs run and the metric at its last reported epoch."""
+    """One row per trial: its config, epochs run, the metric at its last reported epoch, and
+    whether it finished or failed (and why)."""
     last = trials.sort_values("epoch").groupby("trial_id").last()
     table = pd.DataFrame({"epochs": trials.groupby("trial_id")["epoch"].max(),
                           metric: last[metric]})
-    for key in (*SWEEP_KEYS, "seed", "repeat"):
+    for key in (*SWEEP_KEYS, "seed", "repeat", "status", "cause"):
         values = _trial_config(trials, key)
         if values is not None:
             table[key] = values
@@ -268,8 +269,11 @@ def sweep_trials(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def sweep_summary(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per (freeze, lr, scheduler): the metric's mean and std over repeats, epochs, speed."""
+    """Per (freeze, lr, scheduler): the metric's mean and std over the repeats that finished,
+    epochs, speed."""
     per_trial = sweep_trials(trials, metric)
+    if "status" in per_trial.columns:
+        per_trial = per_trial[per_trial["status"] != "failed"]
     keys = [k for k in SWEEP_KEYS if k in per_trial.columns] or ["trial_id"]
     aggregations = {"mean": (metric, "mean"), "std": (metric, "std"),
                     "repeats": ("trial_id", "count"), "epochs": ("epochs", "max")}
