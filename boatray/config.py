@@ -278,8 +278,6 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
          data: str | None = None, base: Path | None = None) -> Experiment:
     """Load an experiment from YAML (None: the built-in smoke preset) plus `a.b=value` overrides
     and a data source; every local path in it is made absolute here (`absolute_paths`)."""
-    import yaml  # here, not at the top: the Ray-free steps (benchmarks/gpu_check.py) have none
-
     raw = _read_yaml(Path(path) if path is not None else preset_path("smoke"))
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -356,6 +354,8 @@ def from_dict(raw: dict) -> Experiment:
 
 def _override_value(item: str, value: str) -> Any:
     """The YAML value of one `--set key=value` (None for an empty value)."""
+    import yaml  # here, not at the top: the Ray-free steps (benchmarks/gpu_check.py) have none
+
     if not value.strip():
         return None
     try:
