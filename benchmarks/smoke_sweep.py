@@ -23,14 +23,15 @@ with `boatray.config.load`) and the images and splits of the manifest the sweep 
 It leaves out what the sweep does besides: Ray's start-up, generating the images, the SVM's
 calibrated probabilities, checkpoints, run folders, bootstrap confidence intervals, plots and
 report.md/html. The last line, `overhead ratio: X`, is boatray's wall time over the plain
-script's, both measured in this run; the table gives each stage's share of boatray's time.
+script's, both measured in this run; the table gives each stage's share of boatray's time and
+its own ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -48,9 +49,10 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from torch import nn
 
-from boatray import config
+from boatray import approaches, config, estimate
 from boatray.data.manifest import read_manifest
 from boatray.models import BetterCNN
+from boatray.sweep import FEATURES_STAGE
 from common import (
     PeakMemory,
     isolated,
@@ -66,7 +68,6 @@ from common import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_LINE = re.compile(r"\[boatray\] (.+): done in (\d+) s")
 CPU = torch.device("cpu")
 
 
@@ -124,7 +125,7 @@ def plain_pipeline(manifest: Path, epochs: dict[tuple[str, float], int]) -> dict
         lab_predict(model, loader("valid", size, batch), CPU)
         logits, labels = lab_predict(model, loader("test", size, batch), CPU)
         reports[f"finetune {freeze}"] = (labels, logits.argmax(1))
-    seconds["fine-tuning sweep"] = time.perf_counter() - started
+    seconds[approaches.get("finetune").stage] = time.perf_counter() - started
 
     started = time.perf_counter()
     trunk = nn.Sequential(*list(lab_resnet(exp.model.name, len(classes)).children())[:-1])
@@ -132,11 +133,13 @@ def plain_pipeline(manifest: Path, epochs: dict[tuple[str, float], int]) -> dict
     for split in rows:
         pooled, labels = lab_predict(trunk, loader(split, size, exp.features.batch_size), CPU)
         x[split], y[split] = pooled.flatten(1).numpy(), labels.numpy()
+    seconds[FEATURES_STAGE] = time.perf_counter() - started
     heads = {"svm": [make_pipeline(StandardScaler(), SVC(kernel="rbf", C=c, gamma=g))
                      for c in exp.svm.C for g in exp.svm.gamma],
              "probe": [make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
                        for c in exp.probe.C]}
     for head, grid in heads.items():
+        started = time.perf_counter()
         scores = [f1_score(y["valid"], m.fit(x["train"], y["train"]).predict(x["valid"]),
                            average="macro", zero_division=0) for m in grid]
         chosen = grid[scores.index(max(scores))]
@@ -144,7 +147,7 @@ def plain_pipeline(manifest: Path, epochs: dict[tuple[str, float], int]) -> dict
         chosen.fit(np.concatenate([x["train"], x["valid"]]),
                    np.concatenate([y["train"], y["valid"]]))
         reports[head] = (y["test"], chosen.predict(x["test"]))
-    seconds["features + SVM"] = time.perf_counter() - started
+        seconds[approaches.get(head).stage] = time.perf_counter() - started
 
     started = time.perf_counter()
     base = exp.baseline
@@ -157,7 +160,7 @@ def plain_pipeline(manifest: Path, epochs: dict[tuple[str, float], int]) -> dict
         lab_predict(model, loader("valid", base.image_size, base.batch_size), CPU)
     logits, labels = lab_predict(model, loader("test", base.image_size, base.batch_size), CPU)
     reports["baseline"] = (labels, logits.argmax(1))
-    seconds["BetterCNN baseline"] = time.perf_counter() - started
+    seconds[approaches.get("baseline").stage] = time.perf_counter() - started
 
     started = time.perf_counter()
     for truth, predicted in reports.values():
@@ -178,7 +181,8 @@ def main() -> None:
     if code != 0:
         print(output[-4000:])
         sys.exit(f"error: the smoke sweep failed (exit code {code}); log: {log}")
-    stages = {title: float(value) for title, value in STAGE_LINE.findall(output)}
+    # each stage's wall seconds as the run measured them (its start, the stages, the report)
+    stages = json.loads((results / estimate.TIMING_FILE).read_text())["actual"]
     epochs = trial_epochs(results)
     print(f"sweep   : {len(epochs)} trials, epochs run {sorted(epochs.items())}; log {log}",
           flush=True)
@@ -189,12 +193,14 @@ def main() -> None:
 
     rows = [{"stage": title, "boatray s": stages.get(title), "plain s": plain.get(title)}
             for title in dict.fromkeys([*stages, *plain])]
-    rows.append({"stage": "rest (interpreter, Ray start, data, report)",
+    rows.append({"stage": "rest (interpreter, imports, Ray's end)",
                  "boatray s": sweep_seconds - sum(stages.values()),
                  "plain s": plain_seconds - sum(plain.values())})
     for row in rows:
         row["boatray share"] = (f"{row['boatray s'] / sweep_seconds:.0%}"
                                 if row["boatray s"] is not None else None)
+        row["boatray / plain"] = (ratio(row["boatray s"], row["plain s"])
+                                  if row["boatray s"] is not None and row["plain s"] else None)
     rows.append({"stage": "TOTAL wall", "boatray s": sweep_seconds, "plain s": plain_seconds,
                  "boatray / plain": ratio(sweep_seconds, plain_seconds)})
     print_table(rows)

@@ -105,6 +105,15 @@ class AshaConfig:
 
 
 @dataclass
+class FreezeSettings:
+    """What one freeze spec's trials take instead of the sweep's own settings (`head` on cached
+    features costs about a second an epoch: it can have the epochs and rates it needs)."""
+
+    epochs: int | None = option(None, min=1)  # None: train.epochs
+    lr: list[float] | None = option(None, above=0.0)  # None: sweep.lr (a grid's rates)
+
+
+@dataclass
 class SweepConfig:
     """The Ray Tune search over freezing depth and learning rate (x scheduler)."""
 
@@ -123,6 +132,17 @@ class SweepConfig:
     trial_resource: str | None = None
     tensorboard: bool = False
     mlflow: bool = False
+    per_freeze: dict[str, FreezeSettings] = option({}, each_choices=FREEZE_SPECS)
+
+    def epochs(self, freeze: str, default: int) -> int:
+        """The epochs of a `freeze` trial: its per_freeze epochs, else `default` (train's)."""
+        settings = self.per_freeze.get(freeze)
+        return settings.epochs if settings and settings.epochs else default
+
+    def rates(self, freeze: str) -> list[float]:
+        """The learning rates a grid search gives `freeze` trials: its per_freeze lr, else lr."""
+        settings = self.per_freeze.get(freeze)
+        return settings.lr if settings and settings.lr else self.lr
 
 
 @dataclass
@@ -252,6 +272,8 @@ def to_dict(obj: Any) -> Any:
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {key: to_dict(value) for key, value in obj.items()}
     return obj
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from boatray import approaches, diskspace, models, precision, sizing
+from boatray import approaches, diskspace, estimate, models, precision, sizing
 from boatray.cluster import Capacity, cluster_capacity, shown
 from boatray.config import Experiment
 from boatray.errors import BoatrayError
@@ -212,8 +212,8 @@ def placement(exp: Experiment, images: int, capacity: Capacity) -> list[str]:
 
 def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[str]:
     """The dry run's plan: where the results land, the data, the cluster, then every enabled
-    approach's stage (the features first where an approach uses them), and the compute
-    estimate."""
+    approach's stage (the features first where an approach uses them), the estimated wall time
+    (a calibration of a few seconds on this node: estimate.py) and the compute estimate."""
     counts = manifest["split"].value_counts()
     images = len(manifest)
     lines = [f"results: {exp.results_dir if not exp.remote_storage else exp.storage_uri}",
@@ -240,6 +240,7 @@ def plan(exp: Experiment, manifest: pd.DataFrame, capacity: Capacity) -> list[st
     lines.append("stage report: report.md and report.html")
     lines += placement(exp, images, capacity)
     lines.append(diskspace.plan_line(exp, manifest))
+    lines += estimate.describe(*estimate.for_run(exp, manifest, capacity))
     lines.append("compute estimate: " + ", ".join(
         f"{name} {_flops(value)}" for name, value in flops.items())
         + f"; total {_flops(sum(flops.values()))} (training counted as 3x the forward pass: "

@@ -58,9 +58,24 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             values[name] = build(hint, value, key + ".")
+        elif typing.get_origin(hint) is dict:
+            values[name] = _mapping(key, typing.get_args(hint)[1], value, fields[name].metadata)
         else:
             values[name] = _check(key, _coerce(key, hint, value), fields[name].metadata)
     return cls(**values)
+
+
+def _mapping(key: str, hint: Any, raw: Any, meta: typing.Mapping) -> dict:
+    """A mapping of names (each among `each_choices`, when given) to sections of type `hint`."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BoatrayError(f"{key} must be a mapping")
+    allowed = meta.get("each_choices")
+    for name in raw:
+        if allowed is not None and name not in allowed:
+            raise BoatrayError(f"{key} keys must be among {', '.join(allowed)}; got {name!r}")
+    return {name: build(hint, value, f"{key}.{name}.") for name, value in raw.items()}
 
 
 def _type_name(hint: Any) -> str:

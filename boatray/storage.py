@@ -155,9 +155,12 @@ def write_bytes(location: str | Path, data: bytes) -> None:
 
 
 def delete(location: str | Path) -> None:
-    """Delete a file at a local path or URI, if it is there."""
+    """Delete a file, or a folder with what it holds, at a local path or URI, if it is there."""
     filesystem, path = open_location(location)
-    if filesystem.get_file_info(path).type == fs.FileType.File:
+    kind = filesystem.get_file_info(path).type
+    if kind == fs.FileType.Directory:
+        filesystem.delete_dir(path)
+    elif kind == fs.FileType.File:
         filesystem.delete_file(path)
 
 

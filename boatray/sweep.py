@@ -30,6 +30,7 @@ from boatray import (
     approaches,
     console,
     diskspace,
+    estimate,
     freezing,
     interrupt,
     models,
@@ -174,11 +175,13 @@ def stages(exp: Experiment, manifest: Path, resume: bool
     return found
 
 
-def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
+def run_stages(exp: Experiment, manifest: Path, resume: bool,
+               times: dict[str, float] | None = None) -> list[str]:
     """Run every enabled stage; return their failures, one line each: a stage that raised
     (the other stages still run whatever the exception; an approach on features is skipped
     when their extraction failed) or the parts of a stage that failed (a stage returns them as
-    lines, e.g. its failed trials). A signal (`interrupt.Interrupted`) stops them all."""
+    lines, e.g. its failed trials); `times` gets each stage's wall seconds. A signal
+    (`interrupt.Interrupted`) stops them all."""
     failures = []
     features_failed = False
     for title, enabled, stage in stages(exp, manifest, resume):
@@ -203,6 +206,8 @@ def run_stages(exp: Experiment, manifest: Path, resume: bool) -> list[str]:
             continue
         finally:
             storage.mirror_up(exp.results_dir, exp.storage_uri)
+            if times is not None:
+                times[title] = time.monotonic() - started
         if any(os.strerror(errno.ENOSPC) in part for part in parts):  # in a Ray worker
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(exp.results_dir))
         failures += [f"{title}: {part}" for part in parts]
@@ -268,36 +273,45 @@ def run(exp: Experiment, resume: bool, address: str | None, verbose: bool = Fals
     refill_staging(exp)
     check_results_dir(exp, resume)
     started = time.monotonic()
-    start_ray(address, log_to_driver=verbose,
-              logging_level=logging.INFO if verbose else logging.WARNING)
+    driver_log = console.route_driver_logs(exp.results_dir, verbose)
+    start_ray(address, log_to_driver=verbose, logging_level=logging.INFO)
     if not verbose:
-        console.quiet_driver_logs()
         ray_errors.keep_in(exp.layout.logs)
-        print(f"[boatray] Ray's worker output: {exp.layout.logs} (at the "
-              f"end; live in {console.ray_logs_dir()}; --verbose shows it here)", flush=True)
-    run_exp, _ = preflight.check(exp)
-    manifest = ensure_manifest(exp)
+        print(f"[boatray] Ray's output: {exp.layout.logs} (its own warnings in "
+              f"{driver_log.name}, its workers' at the end; live in {console.ray_logs_dir()}; "
+              "--verbose shows them here)", flush=True)
+    run_exp, capacity = preflight.check(exp)
+    with console.prefixed("[data] "):
+        manifest = ensure_manifest(exp)
     frame = check_data(manifest)
     drop_stale_features(exp, frame)
     diskspace.check(run_exp, frame)
     atomic_write_text(exp.layout.experiment, json.dumps(exp.to_dict(), indent=2))
     atomic_write_text(exp.layout.backbone,
                       json.dumps(freezing.describe(exp.model.name, exp.model.weights), indent=2))
+    estimated, calibration = estimate.for_run(run_exp, frame, capacity)
+    print(f"[boatray] estimated wall time: {estimate.summary(estimated, calibration)}",
+          flush=True)
     run_state.write_state(exp.results_dir, "running")
+    times = {"start (Ray, data)": time.monotonic() - started}
     try:
-        failures = run_stages(run_exp, manifest, resume)
+        failures = run_stages(run_exp, manifest, resume, times)
     finally:
         logs = keep_logs(exp)
     run_state.write_state(exp.results_dir, "finished", failures=failures)
     written = None
     print("[boatray] report: writing", flush=True)
+    began = time.monotonic()
     try:
+        estimate.record(exp.results_dir, estimated, times)  # the report shows it, so first
         written = stage_report(run_exp)
     except Exception as exc:  # noqa: BLE001 - a failed report loses nothing else
         if diskspace.is_full(exc):
             raise
         failures.append(f"report: {_cause(exc, exp, 'report')}")
         run_state.write_state(exp.results_dir, "finished", failures=failures)
+    times["report"] = time.monotonic() - began
+    estimate.record(exp.results_dir, estimated, times)
     storage.mirror_up(exp.results_dir, exp.storage_uri)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr, flush=True)
@@ -320,7 +334,7 @@ def check_data(manifest: Path) -> pd.DataFrame:
     """The manifest's rows, once its validation split can select models (data.checks)."""
     frame, _ = read_manifest(manifest)
     for note in checks.check_selection(frame):
-        print(f"[boatray] data: {note}", flush=True)
+        print(f"[data] {note}", flush=True)
     return frame
 
 
@@ -364,9 +378,12 @@ def dry_run(exp: Experiment, args: argparse.Namespace) -> int:
         check_results_dir(exp, args.resume)
     except BoatrayError as exc:
         print(f"[plan] note: {exc}", flush=True)
-    start_ray(args.address)
+    console.route_driver_logs(exp.results_dir, args.verbose)
+    start_ray(args.address, logging_level=logging.INFO)
     run_exp, capacity = preflight.check(exp, weights=False)
-    frame = check_data(ensure_manifest(exp))
+    with console.prefixed("[data] "):
+        manifest = ensure_manifest(exp)
+    frame = check_data(manifest)
     for line in preflight.plan(run_exp, frame, capacity):
         print(f"[plan] {line}", flush=True)
     print("[plan] dry run: nothing was trained", flush=True)

@@ -66,7 +66,7 @@ def test_the_plan_counts_the_trials_the_sweep_runs(search, expected):
     manifest = pd.DataFrame({"label": ["a", "b"] * 4, "split": ["train"] * 8})
     assert tuning.trial_count(exp) == expected
     assert approaches.get("finetune").plan(exp, manifest).line.startswith(
-        f"stage fine-tuning sweep: {expected} trials x ")
+        f"stage fine-tuning sweep: {expected} trials, epochs head 10, last1 10: ")
 
 
 def test_a_trial_and_the_plan_ask_for_the_same_resources():

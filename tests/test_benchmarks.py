@@ -18,7 +18,7 @@ from boatray import config, freezing, models
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ("extraction", "finetune_epoch", "decoded_epoch", "svm_fit", "smoke_sweep", "scaling",
-           "gpu_check")
+           "gpu_check", "lab16_projection")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -22,6 +22,7 @@ from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
 from boatray.features import featurefile, pipeline
 from boatray.finetune import checkpoints, engine, loop, prefix_cache, trainer, tuning
+from boatray.finetune import run as finetune_run
 from boatray.results import proba_of
 
 SIZE = [32, 96]
@@ -148,8 +149,8 @@ def test_a_cache_that_would_not_pay_is_not_computed(tmp_path, manifest, monkeypa
             f"{by_spec['last2']:.2f}x faster (by FLOPs), below train.cache_min_speedup=1.5"
             ) in capsys.readouterr().out
     computed = []  # the threshold lowered: the layer2 cache is computed
-    monkeypatch.setattr(prefix_cache, "_compute", lambda exp, rows, stage, *rest: computed.append(
-        stage) or {"images": {"train": len(rows)}, "seconds": 1.0, "bytes": 1})
+    monkeypatch.setattr(prefix_cache, "_compute", lambda found, *rest: computed.append(
+        found.stage) or {"images": {"train": len(found.rows)}, "seconds": 1.0, "bytes": 1})
     assert prefix_cache.prepare(from_dict(settings(tmp_path, freeze="last2",
                                                    cache_min_speedup=1.0)), manifest)
     assert computed == ["layer2"]
@@ -157,8 +158,10 @@ def test_a_cache_that_would_not_pay_is_not_computed(tmp_path, manifest, monkeypa
 
 def test_the_sweep_computes_one_cache_per_frozen_prefix_and_seed(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(prefix_cache, "prepare", lambda exp, manifest, features: asked.append(
-        (exp.train.freeze, exp.train.seed)) or f"{exp.train.freeze}-{exp.train.seed}")
+    monkeypatch.setattr(prefix_cache, "plan", lambda exp, manifest: asked.append(
+        (exp.train.freeze, exp.train.seed)) or exp.train)
+    monkeypatch.setattr(prefix_cache, "ensure", lambda train, features: (
+        f"{train.freeze}-{train.seed}"))
     raw = settings(tmp_path)
     raw["features"]["enabled"] = False  # no shared features to extract first
     raw["seed"] = 5
@@ -191,26 +194,55 @@ def test_training_on_decoded_images_trains_the_weights_of_decoding_every_epoch(
                            suffix_keys(start, "layer3")) < 1e-3
 
 
-def test_one_trunk_pass_serves_the_head_trials_and_the_svm(tmp_path, manifest, monkeypatch):
-    """The sweep extracts the experiment's pooled features once and reads the head trials'
-    cache from them; a repeat with other random weights computes its own."""
+def test_one_trunk_pass_serves_the_svm_and_every_cache_of_its_trunk(tmp_path, manifest,
+                                                                    monkeypatch, capsys):
+    """The sweep extracts the experiment's pooled features with the last1 cache's activations
+    in one pass and reads the head trials' cache from the features; a repeat with other random
+    weights computes its own caches. A cache filled by that pass holds what a pass of its own
+    computes."""
     passes = []
     original = pipeline.trunk_batches
     monkeypatch.setattr(pipeline, "trunk_batches", lambda rows, *a: (
         passes.append(len(rows)), original(rows, *a))[1])
     raw = settings(tmp_path / "results")
-    raw["sweep"] = {"freeze": ["head", "all"], "repeats": 2}
+    raw["sweep"] = {"freeze": ["head", "last1", "all"], "repeats": 2}
     exp = from_dict(raw)
     caches = tuning.sweep_caches(exp, manifest)
-    assert passes == [56, 48]  # the features of every image; repeat 1's own trunk (seed 1)
+    # the features and the layer3 cache of every image; repeat 1's own trunks (seed 1)
+    assert passes == [56, 48, 48]
+    assert ("[cache] one pass over the images: the pool features (for the approaches on "
+            "features), the layer3, pool "
+            "activations of the head, last1 trials and of the selected runs' evaluation"
+            ) in capsys.readouterr().out
     x, table = featurefile.read_features(exp.layout.features)
+    assert featurefile.feature_info(exp.layout.features)["extraction"]["also_emitted"] == [
+        "layer3", "pool"]  # the layer3 cache, both evaluation caches
     folder, info = prefix_cache.open_cache(caches["head/0"])
     assert info["from_features"] == str(exp.layout.features)
     for split in ("train", "valid"):
         cached = np.load(folder / f"{split}.npy")
         np.testing.assert_array_equal(cached, x[(table.split == split).to_numpy()].astype(
             prefix_cache.DTYPE))
+    joint, info = prefix_cache.open_cache(caches["last1/0"])
+    assert info["one_pass_with"] == str(exp.layout.features)
+    alone = from_dict({**raw, "storage_path": str(tmp_path / "alone")})  # a pass of its own
+    own = prefix_cache.prepare(tuning.trial_experiment(alone, {
+        "freeze": "last1", "lr": 0.01, "scheduler": "none", "repeat": 0}), manifest)
+    for split in ("train", "valid"):
+        np.testing.assert_allclose(np.load(joint / f"{split}.npy").astype(np.float32),
+                                   np.load(Path(own) / f"{split}.npy").astype(np.float32),
+                                   rtol=2e-3, atol=1e-3)
     assert caches["all/0"] is None and caches["head/1"] != caches["head/0"]
+    assert caches["last1/1"] != caches["last1/0"]
+    frame, _ = manifest_module.read_manifest(manifest)
+    for freeze, cut in (("head", "pool"), ("last1", "layer3")):  # the selected runs' inputs
+        trial = tuning.trial_experiment(exp, {"freeze": freeze, "lr": 0.01, "scheduler": "none",
+                                              "repeat": 0})
+        folder, info = prefix_cache.open_cache(prefix_cache.evaluation_cache(trial, frame))
+        assert (info["stage"], info["dtype"], info["images"]) == (
+            cut, "float32", {"valid": 12, "test": 8})
+    assert prefix_cache.evaluation_cache(tuning.trial_experiment(exp, {
+        "freeze": "head", "lr": 0.01, "scheduler": "none", "repeat": 1}), frame) is None
 
 
 # ---------------------------------------------------------------- in-process runs
@@ -292,6 +324,22 @@ def test_a_second_run_reuses_the_cache(runs, manifest, monkeypatch, capsys):
     assert info["images"] == {"train": 36, "valid": 12}
     assert np.load(folder / "train.npy", mmap_mode="r").shape == (36, 256, 2, 6)
     assert not list(folder.parent.glob(".*.tmp"))  # no unfinished folders left behind
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["head-cached", "last1-cached"])
+def test_predictions_from_the_evaluation_cache_equal_those_from_images(runs, manifest, name):
+    exp = runs[name]["exp"]
+    frame, _ = manifest_module.read_manifest(manifest)
+    found = prefix_cache.evaluation_plan(prefix_cache.plan(exp, manifest), frame)
+    where = prefix_cache.ensure(found)
+    assert prefix_cache.evaluation_cache(exp, frame) == where
+    checkpoint = checkpoints.latest_checkpoint(Path(exp.storage_path).parent / "runs" / name)
+    cached = finetune_run.predict_cached(checkpoint, str(manifest), where, exp.train)
+    images = predict.predict_checkpoint(checkpoint, manifest, ("valid", "test"))
+    assert cached[["path", "split", "y_true", "y_pred"]].equals(
+        images[["path", "split", "y_true", "y_pred"]])
+    np.testing.assert_allclose(proba_of(cached), proba_of(images), atol=1e-5)
 
 
 @pytest.mark.slow

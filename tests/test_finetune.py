@@ -288,8 +288,8 @@ def test_a_corrupt_image_is_a_one_line_error(ray_local, manifest, tmp_path, work
 
 @pytest.fixture(scope="module")
 def trial_runs(ray_local, manifest, tmp_path_factory) -> dict:
-    """A 1-worker run (in a Tune trial's own process, no worker group) of 1 epoch, then the same
-    run resumed to 2 epochs by finetune_run.run."""
+    """A 1-worker run (on this one-node CPU cluster: in this process, no Tune experiment) of 1
+    epoch, then the same run resumed to 2 epochs by finetune_run.run."""
     root = tmp_path_factory.mktemp("trial")
     settings = experiment(root, num_workers=1, epochs=1, freeze="last1")
     run_dir = root / "runs" / "single"
@@ -301,10 +301,11 @@ def trial_runs(ray_local, manifest, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_a_one_worker_run_trains_in_a_tune_trial_and_resumes(trial_runs):
+def test_a_one_worker_run_trains_here_without_tune_and_resumes(trial_runs):
     first = trial_runs["first"]
     assert first.metrics["epoch"] == 1 and METRICS <= set(first.metrics)
-    assert Path(first.checkpoint.path).parent.parent == trial_runs["run_dir"]  # a trial folder
+    assert Path(first.checkpoint.path).parent == trial_runs["run_dir"]  # no trial folder
+    assert not list(trial_runs["run_dir"].glob("experiment_state*"))  # no Tune experiment
     _, run = read_run(trial_runs["run_dir"])
     history = run["history"]
     assert [h["epoch"] for h in history] == [1, 2]
@@ -339,7 +340,7 @@ def test_tune_retries_a_killed_trial_from_its_last_checkpoint(ray_local, manifes
     from ray import cloudpickle, tune
 
     exp = from_dict(experiment(tmp_path, num_workers=1, epochs=2, max_failures=1))
-    config = loop.loop_config(exp, manifest, None)
+    config = loop.loop_config(exp, manifest, None, stops=[1])  # epoch 1 ends with a checkpoint
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         result = tune.Tuner(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from boatray import approaches
+from boatray import approaches, estimate
 from boatray.finetune import trials as sweep_trials
 from boatray.results import PROBA_PREFIX, Layout, find_runs, read_run
 
@@ -114,18 +114,39 @@ def test_smoke_writes_every_approach_and_the_report(smoke_run):
         {read_run(p)[1].get("config_id") or read_run(p)[1]["name"] for p in find_runs(results)})
 
 
+BOATRAY_LINE = re.compile(r"\[[a-z][a-z-]*\] ")
+"""How every line boatray prints to the console starts: whose it is ([boatray], [data],
+[sweep], [cache], [features], an approach's); Ray's start with a timestamp or a process."""
+
+
 def test_smoke_console_is_quiet_and_ends_with_a_summary(smoke_run):
     results, log = smoke_run
     lines = log.splitlines()
     assert len(lines) <= 100, log
-    assert not [line for line in lines if line.startswith("(") or " ERROR " in line], log
-    assert f"[boatray] Ray's worker output: {results / 'logs'}" in log
+    assert [line for line in lines if not BOATRAY_LINE.match(line)] == [], log
+    assert f"[boatray] Ray's output: {results / 'logs'}" in log
     assert list((results / "logs").glob("worker-*.out"))
+    driver = (results / "logs" / "driver.log").read_text()  # Ray's own lines went here
+    assert "Started a local Ray instance" in driver
+    assert "Experiment state snapshotting has been triggered" not in driver
     summary = log[log.index("[boatray] done in "):]
     for what in ("winner: ", "95% CI", "McNemar p = ", "fastest: ",
                  f"report: {(results / 'report' / 'report.html').as_uri()}",
                  "predict with it: python -m boatray.predict --model "):
         assert what in summary, summary
+
+
+def test_the_run_keeps_its_estimate_beside_each_stages_time_and_the_report_shows_it(smoke_run):
+    results, log = smoke_run
+    timing = json.loads((results / estimate.TIMING_FILE).read_text())
+    stages = [line.split(": starting")[0].removeprefix("[boatray] ")
+              for line in log.splitlines() if line.endswith(": starting")]
+    assert set(stages) | {"start (Ray, data)", "report"} == set(timing["estimate"])
+    assert set(timing["actual"]) == set(timing["estimate"])
+    assert all(low <= high for low, high in timing["estimate"].values())
+    assert "[boatray] estimated wall time: " in log
+    cost = (results / "report" / "report.md").read_text().split("## Cost")[1]
+    assert "as estimated before the run" in cost and "fine-tuning sweep" in cost
 
 
 def test_smoke_report_says_the_data_are_synthetic(smoke_run):
@@ -182,9 +203,9 @@ def saved_finished_trials(tune_dir: Path) -> set[str]:
 
 
 # A cached `head` trial (seconds in a reused trial process), then an `all` trial from pixels,
-# slow enough to be caught between its epochs.
+# slow enough to be caught right after its checkpoint; the baseline trains in the driver.
 SMALL_SWEEP = ("sweep.freeze=[head, all]", "sweep.lr=[0.01]", "sweep.max_concurrent_trials=1",
-               "sweep.asha.enabled=false", "train.epochs=2", "baseline.enabled=false")
+               "sweep.asha.enabled=false", "train.epochs=2")
 
 
 def start_sweep(storage: Path, log_path: Path, *overrides: str,
@@ -241,9 +262,10 @@ def assert_complete_histories(results: Path, trials: int, epochs: int) -> pd.Dat
 
 
 def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
-    """The driver is SIGKILLed while the pooled features are extracted, mid-trial, right after
-    a trial finished, during features and during the report; each time `--resume` carries on,
-    and the finished run equals an uninterrupted one (same config and seed, same numbers).
+    """The driver is SIGKILLed while the pooled features are extracted, right after a trial
+    finished, right after a trial's checkpoint, during features, during the baseline and
+    during the report; each time `--resume` carries on, and the finished run equals an
+    uninterrupted one (same config and seed, same numbers).
 
     On the way, two damages a kill (or a disk) can leave: the finished trial's checkpoint is
     cut short (it trains again, said in one line), and Tune's experiment state is cut short
@@ -258,10 +280,11 @@ def test_sigkill_at_any_point_then_resume_finishes_the_run(tmp_path):
         return any((results / Layout.TUNE).glob("*-all-*/checkpoint_*/meta.json"))
 
     points = [("the pooled features' extraction (the head cache's source)",
-               lambda: log_has("[cache] extracting the pooled features once")()),
+               lambda: log_has("[cache] one pass over the images")()),
               ("a finished trial", lambda: log_has(" done after ")()),
-              ("a trial's first epoch", mid_trial),
+              ("a trial's checkpoint", mid_trial),
               ("the features stage", lambda: log_has("[boatray] feature extraction: starting")()),
+              ("the baseline", lambda: log_has("[boatray] BetterCNN baseline: starting")()),
               ("the report", lambda: log_has("[boatray] report: writing")())]
     finished_before = set()
     for number, (what, reached) in enumerate(points):

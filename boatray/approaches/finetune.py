@@ -44,15 +44,16 @@ class Finetune(NetworkApproach):
 
     def plan(self, exp: Experiment, manifest: pd.DataFrame) -> Plan:
         from boatray.finetune.trainer import worker_resources
-        from boatray.finetune.tuning import trial_count
+        from boatray.finetune.tuning import trial_count, trial_epochs
 
-        trials = trial_count(exp)
-        epochs = trials * exp.train.epochs
+        trials, epochs = trial_count(exp), trial_epochs(exp)
+        lengths = ", ".join(f"{freeze} {exp.sweep.epochs(freeze, exp.train.epochs)}"
+                            for freeze in exp.sweep.freeze)
         forward = models.backbone(exp.model.name).flops(
             exp.data.image_size, manifest["label"].nunique(), exp.model.pooling)
         height, width = exp.data.image_size
         return Plan(
-            f"stage {self.stage}: {trials} trials x {exp.train.epochs} epochs = {epochs} "
+            f"stage {self.stage}: {trials} trials, epochs {lengths}: {epochs} "
             f"trial-epochs at most (ASHA stops some early), {exp.sweep.max_concurrent_trials} "
             f"at a time, each {exp.train.num_workers} worker(s) x "
             f"{cluster.shown(worker_resources(exp.train))}; {exp.model.name} at "

@@ -15,8 +15,9 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -181,14 +182,51 @@ def actor_count(cfg: FeaturesConfig) -> int:
     return max(1, sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")))
 
 
+class ActivationSink(Protocol):
+    """What else an extraction fills in the same pass: a cut point's activations of every row
+    (a frozen-prefix cache, prefix_cache.CacheWriter)."""
+
+    stage: str
+
+    def add(self, splits: np.ndarray, errors: np.ndarray, values: np.ndarray) -> None:
+        """The next rows in manifest order: split, decoding error ('' if none), flattened
+        activations at `stage`."""
+
+
+class CutPoints(nn.Module):
+    """A network's layers up to the last of several cut points, run once: every cut point's
+    output, flattened, side by side in one row per image (`widths` apart, in `cuts` order)."""
+
+    def __init__(self, network: nn.Module, cuts: Sequence[str]) -> None:
+        super().__init__()
+        trunks = {cut: list(models.trunk(network, cut)) for cut in cuts}
+        self.cuts = sorted(trunks, key=lambda cut: len(trunks[cut]))  # input to output
+        parts, done = [], []
+        for cut in self.cuts:
+            layers = trunks[cut]
+            if any(a is not b for a, b in zip(layers, done)):
+                raise BoatrayError(f"the trunk up to {cut} does not extend the one before it")
+            parts.append(nn.Sequential(*layers[len(done):]))
+            done = layers
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for part in self.parts:
+            x = part(x)
+            outputs.append(x.flatten(1))
+        return torch.cat(outputs, 1)
+
+
 def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
             cfg: FeaturesConfig, image_size: tuple[int, int], seed: int = 0,
-            store: str | None = None) -> Path:
+            store: str | None = None, sinks: Sequence[ActivationSink] = ()) -> Path:
     """Run the trunk of `model` (up to `cfg.stage`) over every manifest image with Ray Data;
     write `out_path` (a features file, featurefile.py) and its stats beside it; return it.
 
     `seed` draws the trunk's weights when `model.weights` is `none` (same seed, same features).
     `store`: the weight store that keeps the trunk's tensors (weightstore.py), else trunk.pt.
+    `sinks` get, from the same pass over the images, their own cut points' activations.
     """
     frame, classes = read_manifest(manifest_path)
     torch.manual_seed(seed)
@@ -200,16 +238,22 @@ def extract(manifest_path: str | Path, out_path: str | Path, model: ModelConfig,
             "seed": seed,
             "image_size": list(image_size), "model": config_module.to_dict(model)}
     out_path = Path(out_path)
-    batches, settings = trunk_batches(frame, trunk, cfg, image_size)  # lazy: runs below
+    runner = CutPoints(network, {cfg.stage, *(sink.stage for sink in sinks)}) if sinks else trunk
+    batches, settings = trunk_batches(frame, runner, cfg, image_size)  # lazy: runs below
     timing = PipelineTiming(settings["fused_decode"], settings["actors"])
     nodes: Counter[str] = Counter()
+    if sinks:
+        widths = {cut: int(np.prod(output_shape(models.trunk(network, cut), image_size)))
+                  for cut in runner.cuts}
+        batches = _fill_sinks(batches, widths, cfg.stage, sinks)
     started = time.monotonic()
     written, failed = write_features(timing.watch(_count_nodes(batches, nodes)), out_path, meta)
     seconds = time.monotonic() - started
     stats = {"images": written, "failed": failed, "seconds": seconds,
              "images_per_second": written / seconds if seconds > 0 else None,
              **timing.summary(started), "use_gpu": cfg.use_gpu, "batch_size": cfg.batch_size,
-             **settings, "images_per_node": dict(nodes)}
+             "also_emitted": sorted({sink.stage for sink in sinks}), **settings,
+             "images_per_node": dict(nodes)}
     atomic_write_text(stats_path(out_path), json.dumps(stats, indent=2) + "\n")
     rates = f"{stats['images_per_second'] or 0:.2f} images/s"
     if stats["steady_images_per_second"]:
@@ -233,6 +277,20 @@ def _count_nodes(batches: Iterator[dict[str, np.ndarray]], counts: Counter[str]
     for batch in batches:
         counts.update(batch["node"].tolist())
         yield batch
+
+
+def _fill_sinks(batches: Iterator[dict[str, np.ndarray]], widths: dict[str, int], stage: str,
+                sinks: Sequence[ActivationSink]) -> Iterator[dict[str, np.ndarray]]:
+    """`CutPoints` batches split by cut point: each sink gets its own, the batch passed on
+    holds `stage`'s as its features."""
+    offsets = dict(zip(widths, np.cumsum([0, *widths.values()])))
+    for batch in batches:
+        def at(cut: str, values=batch["features"]) -> np.ndarray:
+            return values[:, offsets[cut]:offsets[cut] + widths[cut]]
+
+        for sink in sinks:
+            sink.add(batch["split"], batch["error"], at(sink.stage))
+        yield {**batch, "features": at(stage)}
 
 
 class PipelineTiming:
@@ -398,7 +456,8 @@ def _batches_here(frame: pd.DataFrame, trunk: nn.Module, cfg: FeaturesConfig,
         yield runner(decode_rows({c: part[c].to_numpy() for c in COLUMNS}, tuple(image_size)))
 
 
-def extract_experiment(exp: Experiment, manifest: str | Path, out_path: str | Path) -> Path:
+def extract_experiment(exp: Experiment, manifest: str | Path, out_path: str | Path,
+                       sinks: Sequence[ActivationSink] = ()) -> Path:
     """`extract` with an experiment's model, features settings, image size and seed."""
     return extract(manifest, out_path, exp.model, exp.features, exp.data.image_size, exp.seed,
-                   weightstore.location(exp.storage_uri))
+                   weightstore.location(exp.storage_uri), sinks)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,16 @@ STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
-KEEP_CHECKPOINTS = 1
-"""Checkpoints kept per run: the latest, which is enough to resume and to predict."""
+KEEP_CHECKPOINTS = 3
+"""Checkpoints kept per run while it trains (Tune's and Train's `CheckpointConfig(num_to_keep)`;
+a finished sweep keeps each trial's last: tuning.keep_last_checkpoints). Tune forces a
+snapshot of its experiment state whenever a trial has written this many checkpoints since the
+last one (so that the state never names a deleted checkpoint): with 3, and trials that
+checkpoint on the `Cadence` below, that happens only for three checkpoints within one of Tune's
+periodic snapshots (every 10 s or more), not after every epoch of every trial."""
+CHECKPOINT_EVERY_S = 60.0
+"""Between the epochs that must be checkpointed, a run checkpoints at most this often: a
+crash loses at most about this much of its training."""
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
 
@@ -153,6 +163,24 @@ def finalize(checkpoint: str) -> None:
         if listed["files"].pop(STATE_FILE, None) is not None:
             storage.write_bytes(manifest, (json.dumps(listed, indent=2) + "\n").encode())
     storage.delete(storage.join(checkpoint, STATE_FILE))
+
+
+class Cadence:
+    """Which epochs of a run end with a checkpoint: its last, every one where a scheduler may
+    stop it (`stops`: ASHA's rungs), and otherwise one at most every CHECKPOINT_EVERY_S. An
+    epoch that ends without one still reports its metrics."""
+
+    def __init__(self, epochs: int, stops: Iterable[int] = ()) -> None:
+        self.must = {epochs, *stops}
+        self.last = time.monotonic()
+
+    def due(self, done: int) -> bool:
+        """Whether the epoch that made `done` finished epochs ends with a checkpoint."""
+        now = time.monotonic()
+        if done in self.must or now - self.last >= CHECKPOINT_EVERY_S:
+            self.last = now
+            return True
+        return False
 
 
 def checkpoint_name(epoch: int) -> str:

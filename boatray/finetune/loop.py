@@ -8,6 +8,7 @@ trial's own process (one worker) or one rank of a Ray Train worker group (DDP).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from boatray.config import Experiment, from_dict
 from boatray.data.decoded import DecodedImages
 from boatray.data.manifest import read_manifest
 from boatray.finetune import sessions
-from boatray.finetune.checkpoints import restore_checkpoint, save_checkpoint
+from boatray.finetune.checkpoints import Cadence, restore_checkpoint, save_checkpoint
 from boatray.finetune.engine import (
     PinnedPrefetch,
     ShardSampler,
@@ -41,17 +42,20 @@ from boatray.finetune.engine import (
 from boatray.sizing import fixed_train_batch
 
 
-def loop_config(exp: Experiment, manifest: str | Path, cache: str | None) -> dict:
+def loop_config(exp: Experiment, manifest: str | Path, cache: str | None,
+                stops: Sequence[int] = ()) -> dict:
     """What the training loop is handed: the experiment (as a dict), the manifest's absolute
-    path and the location of the run's frozen-prefix cache (None: train on images)."""
+    path, the location of the run's frozen-prefix cache (None: train on images) and the epochs
+    after which a scheduler may stop the run (each ends with a checkpoint: `Cadence`)."""
     return {"experiment": exp.to_dict(), "manifest": str(Path(manifest).resolve()),
-            "prefix_cache": cache}
+            "prefix_cache": cache, "stops": [int(epoch) for epoch in stops]}
 
 
 def train_loop(config: dict, session: sessions.Session) -> None:
     """One fine-tuning run, on every rank: `config` is `loop_config`'s; `session` says where
     the run is (this process, a Tune trial, a Train worker) and takes its reports: after every
-    epoch, metrics and a checkpoint (every rank reports; rank 0's checkpoint is kept).
+    epoch its metrics, with a checkpoint where `Cadence` says (every rank reports; rank 0's
+    checkpoint is kept).
     """
     exp = from_dict(config["experiment"])
     cfg = exp.train
@@ -110,6 +114,7 @@ def train_loop(config: dict, session: sessions.Session) -> None:
     store = weightstore.location(exp.storage_uri)  # what did not train is stored there once
 
     phase, model = None, module
+    cadence = Cadence(cfg.epochs, config.get("stops", ()))
     for epoch in range(start, cfg.epochs):
         spec = freeze_spec_at(cfg, epoch)
         # First epoch or a gradual phase change: refreeze, and wrap in a new DDP. A DDP wrapper
@@ -140,8 +145,9 @@ def train_loop(config: dict, session: sessions.Session) -> None:
                    "trainable_parameters": sum(p.numel() for p in module.parameters()
                                                if p.requires_grad), **session.placement(module)}
         history.append(metrics)
-        session.report(metrics, lambda directory, done=epoch + 1: save_checkpoint(
+        session.report(metrics, (lambda directory, done=epoch + 1: save_checkpoint(
             directory, module, optimizer, scheduler, done, history, meta, store))
+            if cadence.due(epoch + 1) else None)
     if history and start >= cfg.epochs:
         # restored after its last epoch (e.g. the driver was killed right then): report the
         # final metrics again, so that a Tune trial gets its metric; frozen as it trained, so
@@ -158,8 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 def train_in_trial(config: dict, earlier: str | None = None) -> None:
     """The loop inside a Ray Tune trial's own process (1 worker): `config` is `loop_config`'s;
-    `earlier`: the checkpoint of an earlier run of the same name to resume from when Tune
-    holds none for this trial."""
+    `earlier`: the checkpoint of an earlier trial of the same configuration (a rebuilt sweep)
+    to resume from when Tune holds none for this trial."""
     use_gpu = from_dict(config["experiment"]).train.use_gpu
     train_loop(config, sessions.TrialSession(device_for(use_gpu),
                                              config["experiment"]["storage_path"], earlier))

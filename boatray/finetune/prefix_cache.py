@@ -1,12 +1,16 @@
 """The frozen-prefix cache: a frozen prefix's activations computed once, the suffix trained on them.
 
 When a run's freeze spec leaves a prefix frozen (`freezing.frozen_prefix`) and no random
-augmentation is on, the prefix computes the same activations in every epoch: `prepare` computes
-them once with the features pipeline, stores them as float16 .npy files that the loop
-memory-maps (`CachedActivations`), and the loop trains `models.suffix` alone. Checkpoints still
-hold the whole model. A cache is named by everything its values depend on (`cache_key`), lives
-in `<storage>/cache/<key>/` with cache.json written last (a folder without it is unfinished),
-and is computed only where it pays (`estimated_speedup` against `train.cache_min_speedup`).
+augmentation is on, the prefix computes the same activations in every epoch: `plan` decides
+whether a run trains from a cache (only where it pays: `estimated_speedup` against
+`train.cache_min_speedup`, and fits on the disk), `ensure` makes a missing one with the
+features pipeline (or reads it from a features file of the same trunk), and a `CacheWriter`
+fills one from any pass over the images, also the features' own (features.pipeline.extract's
+sinks: one pass for the features and every cache). A cache is float16 .npy files that the
+loop memory-maps (`CachedActivations`), and the loop trains `models.suffix` alone; checkpoints
+still hold the whole model. A cache is named by everything its values depend on
+(`cache_key`) and lives in `<storage>/cache/<key>/` with cache.json written last (a folder
+without it is unfinished).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +42,10 @@ from boatray.results import Layout
 
 INFO_FILE = "cache.json"
 SPLITS = ("train", "valid")
-FILES = tuple(f"{split}.npy" for split in SPLITS) + (INFO_FILE,)
-"""A cache's files, in the order they are written and copied: cache.json (completion) last."""
+"""What a training cache holds; an evaluation cache holds EVALUATED in EVALUATION_DTYPE."""
+EVALUATED = ("valid", "test")
+EVALUATION_DTYPE = "float32"
+"""An evaluation cache's dtype: the selected runs' predictions from it equal those from images."""
 FORMAT = 1
 """Part of every key: bump it when what a cache holds changes."""
 FREE_DISK_SHARE = 0.9
@@ -114,12 +121,59 @@ def estimated_speedup(exp: Experiment, stage: str, num_classes: int) -> float:
     return (prefix + 3 * suffix) / (3 * suffix)
 
 
-def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None) -> str | None:
-    """The location of this run's frozen-prefix cache, computed first when there is none; None
-    when the run cannot use one, one would not pay (`estimated_speedup` below
-    `train.cache_min_speedup`), or a new one would not fit on the disk it is written to.
-    Prints a line saying which, and why. A pooled cache is read from `features`, a features
-    file of the same trunk, where there is one: one trunk pass serves both."""
+@dataclass
+class Plan:
+    """A cache a run can train from: its cut point, why it is used, the rows it holds (train
+    and valid, in manifest order), its key and location, one image's activations' shape, the
+    manifest's number of classes (the model's head)."""
+
+    exp: Experiment
+    stage: str
+    why: str
+    rows: pd.DataFrame
+    key: str
+    where: str
+    shape: tuple[int, ...]
+    classes: int
+    splits: tuple[str, ...] = SPLITS
+    dtype: str = "float16"
+
+    @property
+    def files(self) -> list[str]:
+        """Its files, in the order they are written and copied: cache.json (completion) last."""
+        return [f"{split}.npy" for split in self.splits] + [INFO_FILE]
+
+    @property
+    def run(self) -> str:
+        return f"freeze={self.exp.train.freeze} seed={self.exp.train.seed}"
+
+    @property
+    def ready(self) -> bool:
+        """Whether the cache is there, complete."""
+        return storage.is_file(storage.join(self.where, INFO_FILE))
+
+    def same_trunk(self, features: FeaturesSource) -> bool:
+        """Whether an extraction of `features` (model, weights, image size, seed) runs the
+        same layers as this cache's prefix: one pass can give both."""
+        random_init = self.exp.model.weights.lower() == "none"
+        return ((features.model, features.image_size) == (
+            dataclasses.asdict(self.exp.model), list(self.exp.data.image_size))
+            and (not random_init or features.seed == self.exp.train.seed))
+
+
+@dataclass
+class FeaturesSource:
+    """What an extraction's activations depend on besides the cut point."""
+
+    model: dict
+    image_size: list[int]
+    seed: int
+
+
+def plan(exp: Experiment, manifest: str | Path) -> Plan | None:
+    """This run's frozen-prefix cache, or None (with a line saying why) when the run cannot
+    use one, one would not pay (`estimated_speedup` below `train.cache_min_speedup`), or a new
+    one would not fit on the disk it is written to."""
     stage, why = cached_stage(exp)
     run = f"freeze={exp.train.freeze} seed={exp.train.seed}"
     if stage is None:
@@ -136,33 +190,77 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
             f", about {speedup:.1f}x fewer FLOPs per epoch")
     rows = cached_rows(frame)
     key = cache_key(exp, rows, stage)
-    where = location(exp, key)
-    if storage.is_file(storage.join(where, INFO_FILE)):
-        print(f"[cache] {run}: training from cached {stage} activations ({why}): {where}",
-              flush=True)
-        return where
     shape = models.backbone(exp.model.name).output_shape(exp.data.image_size, stage,
                                                          exp.model.pooling)
-    folder = local_folder(where)
-    needed = len(rows) * int(np.prod(shape)) * np.dtype(DTYPE).itemsize
-    free = shutil.disk_usage(_existing(folder)).free
-    if needed > FREE_DISK_SHARE * free:
-        print(f"[cache] {run}: frozen-prefix cache not used: its {stage} activations need "
-              f"{needed / 2**30:.1f} GiB, {folder.parent} has {free / 2**30:.1f} GiB free",
-              flush=True)
+    found = Plan(exp, stage, why, rows, key, location(exp, key), tuple(shape), len(classes),
+                 dtype=DTYPE)
+    if found.ready or _fits(found):
+        return found
+    print(f"[cache] {run}: frozen-prefix cache not used: its {stage} activations need "
+          f"{_needed(found) / 2**30:.1f} GiB, {local_folder(found.where).parent} has "
+          f"{_free(found) / 2**30:.1f} GiB free", flush=True)
+    return None
+
+
+def evaluation_plan(found: Plan, frame: pd.DataFrame) -> Plan | None:
+    """The evaluation cache beside a training cache: the same cut point's valid and test
+    activations in float32, from which the selected runs predict (`evaluation_cache`); None
+    where it would not fit on the disk."""
+    rows = frame[frame.split.isin(EVALUATED)].reset_index(drop=True)
+    key = f"{cache_key(found.exp, rows, found.stage)}-evaluation"
+    evaluation = dataclasses.replace(found, rows=rows, key=key, where=location(found.exp, key),
+                                     splits=EVALUATED, dtype=EVALUATION_DTYPE)
+    return evaluation if evaluation.ready or _fits(evaluation) else None
+
+
+def evaluation_cache(exp: Experiment, frame: pd.DataFrame) -> str | None:
+    """Where the evaluation cache of a run that trains from a cache is, if it was made."""
+    stage = cached_stage(exp)[0]
+    if stage is None:
         return None
-    source = features if _same_trunk(exp, rows, stage, features) else None
-    print(f"[cache] {run}: {'reading' if source else 'computing'} the {stage} activations of "
-          f"{len(rows)} images{f' from {source}' if source else ''}", flush=True)
-    trunk = None if source else models.trunk(prefix_model(exp, len(classes)), stage)
-    info = _compute(exp, rows, stage, trunk, shape, folder, source)
-    if storage.is_remote(where):  # the data files first, cache.json (completion) last
-        storage.copy((folder / name, storage.join(where, name)) for name in FILES)
+    rows = frame[frame.split.isin(EVALUATED)].reset_index(drop=True)
+    where = location(exp, f"{cache_key(exp, rows, stage)}-evaluation")
+    return where if storage.is_file(storage.join(where, INFO_FILE)) else None
+
+
+def _fits(found: Plan) -> bool:
+    """Whether a new cache takes at most FREE_DISK_SHARE of the free space where it goes."""
+    return _needed(found) <= FREE_DISK_SHARE * _free(found)
+
+
+def _needed(found: Plan) -> int:
+    return len(found.rows) * int(np.prod(found.shape)) * np.dtype(found.dtype).itemsize
+
+
+def _free(found: Plan) -> int:
+    return shutil.disk_usage(_existing(local_folder(found.where))).free
+
+
+def ensure(found: Plan, features: Path | None = None) -> str:
+    """The plan's cache location, computed first where it is missing: read from `features`
+    (a features file of the same trunk and cut point) where there is one, else by a pass of
+    the prefix over its rows. Prints what it did."""
+    if found.ready:
+        print(f"[cache] {found.run}: training from cached {found.stage} activations "
+              f"({found.why}): {found.where}", flush=True)
+        return found.where
+    source = features if _in_features(found, features) else None
+    print(f"[cache] {found.run}: {'reading' if source else 'computing'} the {found.stage} "
+          f"activations of {len(found.rows)} images{f' from {source}' if source else ''}",
+          flush=True)
+    info = _compute(found, source)
     made = "read from the features (their extraction included)" if source else "computed"
-    print(f"[cache] {run}: training from cached {stage} activations ({why}): {made}: "
-          f"{sum(info['images'].values())} images in {info['seconds']:.1f} s "
-          f"({info['bytes'] / 2**20:.1f} MiB): {where}", flush=True)
-    return where
+    print(f"[cache] {found.run}: training from cached {found.stage} activations ({found.why}):"
+          f" {made}: {sum(info['images'].values())} images in {info['seconds']:.1f} s "
+          f"({info['bytes'] / 2**20:.1f} MiB): {found.where}", flush=True)
+    return found.where
+
+
+def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None) -> str | None:
+    """The location of this run's frozen-prefix cache (`plan`), computed first when there is
+    none (`ensure`); None when the run does not train from one."""
+    found = plan(exp, manifest)
+    return None if found is None else ensure(found, features)
 
 
 def _existing(path: Path) -> Path:
@@ -171,19 +269,17 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _same_trunk(exp: Experiment, rows: pd.DataFrame, stage: str, features: Path | None
-                ) -> bool:
-    """Whether a features file holds this run's `stage` activations of every row: the same
-    model, weights (and seed, for random ones), image size and cut point."""
+def _in_features(found: Plan, features: Path | None) -> bool:
+    """Whether a features file holds this cache's activations of every row: the same trunk
+    (`Plan.same_trunk`), cut point and rows."""
     if features is None or not features.is_file():
         return False
     info = featurefile.feature_info(features)
-    same_init = exp.model.weights.lower() != "none" or info.get("seed") == exp.train.seed
-    if (info["stage"], info["image_size"], info["model"]) != (
-            stage, list(exp.data.image_size), dataclasses.asdict(exp.model)) or not same_init:
+    source = FeaturesSource(info["model"], info["image_size"], info.get("seed"))
+    if info["stage"] != found.stage or not found.same_trunk(source):
         return False
     paths = featurefile.read_columns(features, ["path", "split"])
-    return paths[paths.split.isin(SPLITS)].path.tolist() == rows.path.tolist()
+    return paths[paths.split.isin(SPLITS)].path.tolist() == found.rows.path.tolist()
 
 
 def _batches_from(features: Path) -> tuple[list[dict[str, np.ndarray]], dict]:
@@ -196,49 +292,84 @@ def _batches_from(features: Path) -> tuple[list[dict[str, np.ndarray]], dict]:
     return [batch], {"from_features": str(features), "extraction_seconds": stats.get("seconds")}
 
 
-def _compute(exp: Experiment, rows: pd.DataFrame, stage: str, trunk: nn.Module | None,
-             shape: tuple[int, ...], folder: Path, features: Path | None = None) -> dict:
-    """Run `trunk`, the prefix up to `stage`, over `rows` with the features pipeline (or read
-    its activations from `features`; `trunk` is then None) into `folder` (the cache, or its
-    node-local copy); return its cache.json record."""
+def _compute(found: Plan, features: Path | None = None) -> dict:
+    """Run the prefix up to the plan's cut point over its rows with the features pipeline (or
+    read its activations from `features`) into the cache; return its cache.json record."""
     from boatray.features.pipeline import trunk_batches
 
-    cfg = dataclasses.replace(exp.features, stage=stage, dtype=DTYPE)
-    temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
-    temporary.mkdir(parents=True)
+    exp = found.exp
+    writer = CacheWriter(found)
     try:
-        counts = rows.split.value_counts()
-        arrays = {split: allocate(temporary / f"{split}.npy",
-                                  (int(counts.get(split, 0)), *shape), DTYPE)
-                  for split in SPLITS}
-        filled = dict.fromkeys(SPLITS, 0)
         started = time.monotonic()
-        batches, settings = (_batches_from(features) if features is not None
-                             else trunk_batches(rows, trunk, cfg, exp.data.image_size))
+        if features is not None:
+            batches, settings = _batches_from(features)
+        else:
+            trunk = models.trunk(prefix_model(exp, found.classes), found.stage)
+            cfg = dataclasses.replace(exp.features, stage=found.stage, dtype=found.dtype)
+            batches, settings = trunk_batches(found.rows, trunk, cfg, exp.data.image_size)
         for batch in batches:
-            errors = batch["error"][batch["error"] != ""]
-            if len(errors):
-                raise BoatrayError(f"cannot compute the frozen-prefix cache: {errors[0]} "
-                                   "(or set train.cache_prefix=false)")
-            for split in SPLITS:
-                values = batch["features"][batch["split"] == split]
-                arrays[split][filled[split]:filled[split] + len(values)] = (
-                    values.reshape(len(values), *shape))
-                filled[split] += len(values)
-        seconds = time.monotonic() - started
-        for array in arrays.values():
+            writer.add(batch["split"], batch["error"], batch["features"])
+        seconds = time.monotonic() - started + (settings.pop("extraction_seconds", 0) or 0)
+        return writer.publish(seconds, settings)
+    finally:
+        writer.discard()
+
+
+class CacheWriter:
+    """A cache being filled, batch by batch in manifest order, in a temporary folder beside it:
+    its splits' memory-mapped float16 arrays. `publish` writes cache.json and moves it into
+    place (and onto a remote storage); an image that could not be decoded fails it."""
+
+    def __init__(self, found: Plan) -> None:
+        self.plan, self.stage = found, found.stage
+        self.folder = local_folder(found.where)
+        self.temporary = self.folder.with_name(f".{self.folder.name}.{uuid.uuid4().hex}.tmp")
+        self.temporary.mkdir(parents=True)
+        counts = found.rows.split.value_counts()
+        self.arrays = {split: allocate(self.temporary / f"{split}.npy",
+                                       (int(counts.get(split, 0)), *found.shape), found.dtype)
+                       for split in found.splits}
+        self.filled = dict.fromkeys(found.splits, 0)
+        self.error = ""
+
+    def add(self, splits: np.ndarray, errors: np.ndarray, values: np.ndarray) -> None:
+        """The next rows in manifest order (any split; those of other splits are skipped):
+        their split, decoding error ('' if none) and flattened activations."""
+        ours = np.isin(splits, self.plan.splits)
+        failed = errors[ours & (errors != "")]
+        self.error = self.error or (str(failed[0]) if len(failed) else "")
+        for split in self.plan.splits:
+            rows = values[splits == split]
+            begin = self.filled[split]
+            self.arrays[split][begin:begin + len(rows)] = rows.reshape(len(rows), *self.plan.shape)
+            self.filled[split] += len(rows)
+
+    def publish(self, seconds: float, settings: dict) -> dict:
+        """Finish the cache (cache.json last, moved into place, copied to a remote storage):
+        its cache.json record; a BoatrayError if an image could not be decoded."""
+        if self.error:
+            raise BoatrayError(f"cannot compute the frozen-prefix cache: {self.error} "
+                               "(or set train.cache_prefix=false)")
+        exp = self.plan.exp
+        for array in self.arrays.values():
             array.flush()
-        info = {"key": folder.name, "stage": stage, "shape": list(shape), "dtype": DTYPE,
-                "images": filled, "seconds": seconds + (settings.get("extraction_seconds") or 0),
-                "bytes": sum(a.nbytes for a in arrays.values()),
+        info = {"key": self.folder.name, "stage": self.stage, "shape": list(self.plan.shape),
+                "dtype": self.plan.dtype, "images": self.filled, "seconds": seconds,
+                "bytes": sum(a.nbytes for a in self.arrays.values()),
                 "model": dataclasses.asdict(exp.model), "image_size": list(exp.data.image_size),
                 "seed": exp.train.seed, **settings}
-        del arrays
-        (temporary / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _publish(temporary, folder)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return info
+        self.arrays = {}
+        (self.temporary / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _publish(self.temporary, self.folder)
+        if storage.is_remote(self.plan.where):  # the data files first, cache.json last
+            storage.copy((self.folder / name, storage.join(self.plan.where, name))
+                         for name in self.plan.files)
+        return info
+
+    def discard(self) -> None:
+        """Drop what is left of the temporary folder (all of it, unless published)."""
+        self.arrays = {}
+        shutil.rmtree(self.temporary, ignore_errors=True)
 
 
 def _publish(temporary: Path, folder: Path) -> None:
@@ -262,7 +393,10 @@ def open_cache(where: str) -> tuple[Path, dict]:
         temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
         temporary.mkdir(parents=True)
         try:
-            storage.copy((storage.join(where, name), temporary / name) for name in FILES)
+            info = storage.read_bytes(storage.join(where, INFO_FILE))
+            storage.copy((storage.join(where, f"{split}.npy"), temporary / f"{split}.npy")
+                         for split in json.loads(info)["images"])
+            (temporary / INFO_FILE).write_bytes(info)  # last: the copy is complete
             _publish(temporary, folder)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -91,7 +91,7 @@ def trial_folders(exp: Experiment) -> list[TrialFolder]:
                 or checkpoints_under(storage.join(root, Layout.TRAIN, trial_id)))
         checkpoint, damaged = intact_or_beside(kept[0][1]) if kept else (None, None)
         epochs = max(next((e for e, c in kept if c == checkpoint), 0), 0)
-        ended = _ended(folder) or epochs >= exp.train.epochs
+        ended = _ended(folder) or epochs >= exp.sweep.epochs(config["freeze"], exp.train.epochs)
         found.append(TrialFolder(folder, trial_id, config, ended, checkpoint, epochs, damaged))
     return found
 
@@ -240,10 +240,11 @@ def _best_per_config(folders: list[TrialFolder]) -> dict[str, TrialFolder]:
 
 
 def grid_configs(exp: Experiment) -> list[dict[str, Any]]:
-    """Every point of the seeds' grid, in Tune's order."""
+    """Every point of the seeds' grid, in Tune's order: each freeze spec with its learning
+    rates, and under each, every scheduler and repeat."""
     return [{"freeze": f, "lr": lr, "scheduler": s, "repeat": r}
-            for r, s, lr, f in itertools.product(range(exp.sweep.repeats), exp.sweep.scheduler,
-                                                 exp.sweep.lr, exp.sweep.freeze)]
+            for f in exp.sweep.freeze for lr in exp.sweep.rates(f)
+            for s, r in itertools.product(exp.sweep.scheduler, range(exp.sweep.repeats))]
 
 
 def set_aside(tune_path: str) -> None:

@@ -11,14 +11,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from boatray import export, predict, storage
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import SequentialSampler
+
+from boatray import export, models, precision, predict, storage
 from boatray.cluster import only_this_node
 from boatray.config import Experiment, TrainConfig
+from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache
-from boatray.finetune.checkpoints import read_meta
+from boatray.finetune.checkpoints import load_model, read_meta
+from boatray.finetune.engine import device_for, make_loader, predict_logits
 from boatray.finetune.trainer import fit
-from boatray.results import RunRecord, write_run
+from boatray.results import RunRecord, predictions_frame, write_run
 from boatray.sizing import fixed_train_batch
 
 
@@ -39,16 +46,18 @@ def evaluate_and_write(exp: Experiment, manifest: str | Path, checkpoint, run_di
     """Predict valid and test with a ray.train.Checkpoint; write the run folder; return it.
 
     Prediction runs as a Ray task with one training worker's resources (a GPU when training
-    used GPUs), or on a one-node CPU cluster in this process. `record`: the run record's
-    `approach` and what else it adds to (or overrides in) its fields; `began` is when the run
-    started.
+    used GPUs), or on a one-node CPU cluster in this process; a run that trained from a
+    frozen-prefix cache predicts from its evaluation cache where the features' pass made one.
+    `record`: the run record's `approach` and what else it adds to (or overrides in) its
+    fields; `began` is when the run started.
     The checkpoint is also exported as results/<experiment>/models/<run>/ (export.py).
     """
     import ray
 
     run_dir = Path(run_dir)
     cfg = exp.train
-    arguments = (checkpoint, str(Path(manifest).resolve()), cfg)
+    evaluation = prefix_cache.evaluation_cache(exp, read_manifest(manifest)[0])
+    arguments = (checkpoint, str(Path(manifest).resolve()), cfg, evaluation)
     if not cfg.use_gpu and only_this_node():  # a Ray worker would start only to do this here
         predictions, history = _evaluate_checkpoint(*arguments)
     else:
@@ -81,10 +90,38 @@ def cache_cost(cache: str | None) -> dict:
     return {"trained_on": "cached activations", "prefix_cache_seconds": info["seconds"]}
 
 
-def _evaluate_checkpoint(checkpoint, manifest: str, cfg: TrainConfig):
-    """(valid + test predictions, per-epoch history) of a ray.train.Checkpoint."""
+def _evaluate_checkpoint(checkpoint, manifest: str, cfg: TrainConfig, evaluation: str | None):
+    """(valid + test predictions, per-epoch history) of a ray.train.Checkpoint: from the
+    evaluation cache of its frozen prefix where there is one, else from the images."""
     with checkpoint.as_directory() as directory:
-        return (predict.predict_checkpoint(directory, manifest, ("valid", "test"),
-                                           fixed_train_batch(cfg), cfg.use_gpu,
-                                           cfg.loader_workers, cfg.amp),
-                read_meta(directory)["history"])
+        if evaluation is not None:
+            predictions = predict_cached(directory, manifest, evaluation, cfg)
+        else:
+            predictions = predict.predict_checkpoint(directory, manifest, ("valid", "test"),
+                                                     fixed_train_batch(cfg), cfg.use_gpu,
+                                                     cfg.loader_workers, cfg.amp)
+        return predictions, read_meta(directory)["history"]
+
+
+def predict_cached(directory: str | Path, manifest: str, evaluation: str,
+                   cfg: TrainConfig) -> pd.DataFrame:
+    """A checkpoint's valid and test predictions from an evaluation cache: its suffix over the
+    cached float32 activations of its frozen prefix, which are what the prefix computes from
+    the images (prefix_cache.evaluation_plan)."""
+    model, _ = load_model(directory)
+    folder, info = prefix_cache.open_cache(evaluation)
+    frame, classes = read_manifest(manifest)
+    rows = frame[frame.split.isin(prefix_cache.EVALUATED)].reset_index(drop=True)
+    device = device_for(cfg.use_gpu)
+    on_gpu = device.type == "cuda"
+    network = models.suffix(model, info["stage"]).to(device)
+    proba = np.zeros((len(rows), len(classes)))
+    for split in prefix_cache.EVALUATED:
+        part = (rows.split == split).to_numpy()
+        activations = prefix_cache.CachedActivations(folder, split, rows.label_idx[part])
+        loader = make_loader(activations, SequentialSampler(activations),
+                             fixed_train_batch(cfg))
+        logits, _ = predict_logits(network, loader, device,
+                                   amp=precision.uses_bf16(cfg.amp, device), channels_last=on_gpu)
+        proba[part] = torch.softmax(logits.double(), dim=1).numpy()
+    return predictions_frame(rows.path, rows.split, rows.label_idx, proba, classes)

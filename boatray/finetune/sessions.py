@@ -1,8 +1,8 @@
 """Who a training run reports to: the one training loop (loop.train_loop) talks only to these.
 
-- `LocalSession`: the calling process, without Ray (`train.num_workers: 0`, unit tests);
-  checkpoints go straight into the run folder.
-- `TrialSession`: a Ray Tune trial's own process (`num_workers: 1`): `ray.tune.report` and
+- `LocalSession`: the calling process or a Ray task (`train.num_workers` 0, and 1 outside a
+  sweep); checkpoints go straight into the run folder, local or on a storage.
+- `TrialSession`: a sweep trial's own process (`num_workers: 1`): `ray.tune.report` and
   `ray.tune.get_checkpoint`; Tune's FailureConfig retries the trial from its last checkpoint
   and `reuse_actors` keeps the process (torch imported) for the next trial.
 - `WorkerSession`: one rank of a Ray Train worker group (`num_workers >= 2`): DDP through
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from boatray import storage
 from boatray.finetune.checkpoints import (
     CHECKPOINT_PREFIX,
+    MANIFEST_FILE,
     checkpoint_name,
     latest_checkpoint,
     resume_point,
@@ -57,8 +58,9 @@ class Session(abc.ABC):
         yield None
 
     @abc.abstractmethod
-    def report(self, metrics: dict, write: WriteCheckpoint) -> None:
-        """Hand one epoch's metrics and a checkpoint (`write` fills its folder) onward."""
+    def report(self, metrics: dict, write: WriteCheckpoint | None) -> None:
+        """Hand one epoch's metrics onward, with a checkpoint (`write` fills its folder) unless
+        `write` is None."""
 
     def placement(self, module: nn.Module) -> dict:
         """Where an epoch trained, for its metrics: nothing outside Ray."""
@@ -101,31 +103,57 @@ def _resume(checkpoint, storage_path: str, earlier: str | None = None
 
 
 class LocalSession(Session):
-    """In the calling process: the latest checkpoint is kept in the run folder."""
+    """In the calling process (or a Ray task): the latest checkpoint is kept in the run folder,
+    a local path or a storage URI, and an earlier one there is resumed from."""
 
-    def __init__(self, device: torch.device, run_dir: Path) -> None:
+    def __init__(self, device: torch.device, run_location: str | Path) -> None:
         super().__init__(device)
-        self.run_dir = Path(run_dir)
+        self.location = str(run_location)
         self.metrics: dict = {}
-        self.checkpoint: Path | None = None
+        self.checkpoint: str | None = None
 
     @contextlib.contextmanager
     def resume_from(self) -> Iterator[Path | None]:
-        found = latest_checkpoint(self.run_dir)
-        self.checkpoint = None if found is None else Path(found)
-        yield self.checkpoint
+        self.checkpoint = latest_checkpoint(self.location)
+        with _open(self.checkpoint) as directory:
+            yield None if directory is None else Path(directory)
 
-    def report(self, metrics: dict, write: WriteCheckpoint) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        target = self.run_dir / checkpoint_name(metrics["epoch"])
-        partial = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=self.run_dir))
+    def report(self, metrics: dict, write: WriteCheckpoint | None) -> None:
+        self.metrics = metrics
+        if write is None:
+            return
+        name = checkpoint_name(metrics["epoch"])
+        if storage.is_remote(self.location):
+            self.checkpoint = self._upload(name, write)
+        else:
+            self.checkpoint = str(self._write_here(Path(self.location), name, write))
+
+    @staticmethod
+    def _write_here(run_dir: Path, name: str, write: WriteCheckpoint) -> Path:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        target = run_dir / name
+        partial = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir))
         write(partial)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
-        for older in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        for older in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
             if older != target:
                 shutil.rmtree(older)
-        self.metrics, self.checkpoint = metrics, target
+        return target
+
+    def _upload(self, name: str, write: WriteCheckpoint) -> str:
+        """The checkpoint written locally, copied to the storage with manifest.json (which marks
+        it complete: `latest_checkpoint`) last, then the earlier ones removed."""
+        target = storage.join(self.location, name)
+        with tempfile.TemporaryDirectory() as directory:
+            write(Path(directory))
+            files = sorted(Path(directory).iterdir(), key=lambda path: path.name == MANIFEST_FILE)
+            storage.copy((path, storage.join(target, path.name)) for path in files)
+        older = {relative.parts[0] for _, relative in storage.files_under(self.location)
+                 if relative.parts[0].startswith(CHECKPOINT_PREFIX)} - {name}
+        for folder in older:
+            storage.delete(storage.join(self.location, folder))
+        return target
 
 
 class TrialSession(Session):
@@ -147,9 +175,12 @@ class TrialSession(Session):
         with _resume(tune.get_checkpoint(), self.storage_path, self.earlier) as directory:
             yield None if directory is None else Path(directory)
 
-    def report(self, metrics: dict, write: WriteCheckpoint) -> None:
+    def report(self, metrics: dict, write: WriteCheckpoint | None) -> None:
         from ray import tune
 
+        if write is None:
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as directory:
             write(Path(directory))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
@@ -189,12 +220,12 @@ class WorkerSession(Session):
         with _resume(ray.train.get_checkpoint(), self.storage_path) as directory:
             yield None if directory is None else Path(directory)
 
-    def report(self, metrics: dict, write: WriteCheckpoint) -> None:
+    def report(self, metrics: dict, write: WriteCheckpoint | None) -> None:
         import ray.train
 
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
-            if self.rank == 0:
+            if self.rank == 0 and write is not None:
                 write(Path(directory))
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint,

@@ -55,7 +55,7 @@ def evaluate_trial(exp: Experiment, manifest: Path, choice: dict, trial: dict,
         tuning.trial_experiment(exp, trial), manifest,
         trials.trial_checkpoint(exp, trial["checkpoint_path"]), run_dir,
         {"approach": approach, "selected": choice["selected"], "valid_score": choice["score"],
-         "search_space": {"lr": list(exp.sweep.lr)},
+         "search_space": {"lr": list(exp.sweep.rates(choice["freeze"]))},
          "config_id": config_id, "trial_id": trial["trial_id"],
          "wall_seconds": wall}, time.perf_counter() - wall)
     print(f"[sweep] evaluated {name} ({choice['selected']}) on the test split", flush=True)

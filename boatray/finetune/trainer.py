@@ -1,5 +1,5 @@
-"""Where one training run trains, from the driver: in this process, in a one-trial Tune
-experiment (one worker: no worker group to start), or on a Ray Train worker group (DDP).
+"""Where one training run trains, from the driver: in this process or a Ray task (one worker:
+no worker group to start, no Tune experiment), or on a Ray Train worker group (DDP).
 
 `fit` is a single run's entry; `make_trainer` builds the TorchTrainer that a sweep trial with
 2+ workers drives; a user-facing error inside Ray comes back as its `BoatrayError`.
@@ -13,28 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from boatray import models
+from boatray.cluster import only_this_node
 from boatray.config import Experiment, TrainConfig
 from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache, sessions
 from boatray.finetune.checkpoints import KEEP_CHECKPOINTS
 from boatray.finetune.engine import device_for, freeze_spec_at
-from boatray.finetune.loop import (
-    loop_config,
-    train_in_trial,
-    train_loop,
-    train_loop_per_worker,
-)
-from boatray.storage import join, parent
-from boatray.storage import name as base_name
+from boatray.finetune.loop import loop_config, train_loop, train_loop_per_worker
+from boatray.storage import join
 
 CONTROLLER_FAILURE_LIMIT = 10
 """Tries to start a worker group (60 s each) before a run fails instead of waiting forever."""
-
-
-def _single_run_trial(_: dict, loop: dict, earlier: str | None) -> None:
-    """The Tune function of a single run (`fit` with 1 worker); Tune's own config is empty."""
-    train_in_trial(loop, earlier)
 
 
 def check_inputs(exp: Experiment, manifest: str | Path) -> None:
@@ -54,13 +44,13 @@ def check_inputs(exp: Experiment, manifest: str | Path) -> None:
 
 
 def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
-                 callbacks: Sequence = (), cache: str | None = None):
+                 callbacks: Sequence = (), cache: str | None = None, stops: Sequence[int] = ()):
     """The TorchTrainer of one run with 2+ workers, from exp.train: workers, GPUs, CPUs per
     worker, failures.
 
     Reusing `name` under `storage_path` resumes that run from its last checkpoint.
     `cache`: the location of the run's frozen-prefix cache (prefix_cache.prepare), or None to
-    train on images.
+    train on images; `stops`: the epochs where a scheduler may stop it (loop.loop_config).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -68,7 +58,7 @@ def make_trainer(exp: Experiment, manifest: Path, name: str, storage_path: str,
     cfg = exp.train
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(exp, manifest, cache),
+        train_loop_config=loop_config(exp, manifest, cache, stops),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -97,30 +87,45 @@ class FitResult:
 def fit(exp: Experiment, manifest: str | Path, run_dir: str | Path) -> FitResult:
     """Train one run into `run_dir` (its checkpoints land there) and return its FitResult.
 
-    Where it trains: with `train.num_workers` 0 in this process (no Ray), with 1 in a Ray Tune
-    trial's own process, with 2 or more in a Ray Train worker group (DDP).
+    Where it trains: with `train.num_workers` 0 in this process; with 1 like one sweep trial
+    but with no Tune experiment of its own: in this process where Ray has no node but this one
+    and no GPU is asked for (a Ray worker would start only to do the same work on the same
+    cores), else in a Ray task with one worker's resources that Ray retries
+    (`train.max_failures`) from the last checkpoint; with 2 or more in a Ray Train worker group
+    (DDP).
     The run's frozen-prefix cache is computed first when it can use one and has none yet.
     With a remote storage_path, `run_dir` is in the driver's staging folder
     (exp.results_dir) and the checkpoints go to the same place under exp.storage_uri. A run
-    folder that already holds a run is resumed from its last checkpoint. A user-facing error
-    in the run (e.g. a corrupt image) comes back as that BoatrayError.
+    folder that already holds a run is resumed from its last checkpoint (with more epochs, if
+    the config now asks for more). A user-facing error in the run (e.g. a corrupt image) comes
+    back as that BoatrayError.
     """
     from ray.train import Checkpoint, WorkerGroupError
 
     check_inputs(exp, manifest)
     config = loop_config(exp, manifest, prefix_cache.prepare(exp, manifest))
     run_dir = Path(run_dir).resolve()
-    if exp.train.num_workers == 0:
-        session = sessions.LocalSession(device_for(exp.train.use_gpu), run_dir)
-        train_loop(config, session)
-        checkpoint = session.checkpoint and Checkpoint(str(session.checkpoint))
-        return FitResult(session.metrics, checkpoint)
+    if exp.train.num_workers == 0 or (exp.train.num_workers == 1 and not exp.train.use_gpu
+                                      and only_this_node()):
+        metrics, location = _fit_here(config, exp.train.use_gpu, str(run_dir))
+        return FitResult(metrics, location and Checkpoint(location))
     storage = str(run_dir.parent)
     if exp.remote_storage:
         relative = run_dir.parent.relative_to(exp.results_dir.resolve()).as_posix()
         storage = join(exp.storage_uri, relative)
     if exp.train.num_workers == 1:
-        return _fit_in_trial(exp, config, join(storage, run_dir.name))
+        import ray
+
+        resources = worker_resources(exp.train)
+        task = ray.remote(_fit_here).options(max_retries=exp.train.max_failures,
+                                             num_cpus=resources["CPU"], num_gpus=resources["GPU"])
+        try:
+            metrics, location = ray.get(task.remote(config, exp.train.use_gpu,
+                                                    join(storage, run_dir.name)))
+        except ray.exceptions.RayTaskError as exc:
+            _raise_boatray_cause(exc)
+            raise
+        return FitResult(metrics, location and Checkpoint(location))
     trainer = make_trainer(exp, Path(manifest), run_dir.name, storage, cache=config["prefix_cache"])
     try:
         result = trainer.fit()
@@ -131,29 +136,12 @@ def fit(exp: Experiment, manifest: str | Path, run_dir: str | Path) -> FitResult
     return FitResult(result.metrics, result.checkpoint)
 
 
-def _fit_in_trial(exp: Experiment, config: dict, run_path: str) -> FitResult:
-    """One run as a one-trial Tune experiment at `run_path`; an earlier run there is resumed
-    from its latest checkpoint (with more epochs, if the config now asks for more)."""
-    from ray import tune
-    from ray.train import Checkpoint
-
-    earlier = sessions.latest_checkpoint(run_path)
-    storage, name = parent(run_path), base_name(run_path)
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_single_run_trial, loop=config,
-                                                 earlier=earlier),
-                            worker_resources(exp.train)),
-        tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage, verbose=0,
-            failure_config=tune.FailureConfig(max_failures=exp.train.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
-    result = tuner.fit()[0]
-    if result.error is not None:
-        _raise_boatray_cause(result.error)
-        raise result.error
-    checkpoint = result.checkpoint or (earlier and Checkpoint(earlier))
-    return FitResult(result.metrics or {}, checkpoint)
+def _fit_here(config: dict, use_gpu: bool, run_location: str) -> tuple[dict, str | None]:
+    """The loop in this process, checkpoints in the run's folder (a path or a storage URI);
+    (the last metrics, the last checkpoint's location) or (.., None) when it saved none."""
+    session = sessions.LocalSession(device_for(use_gpu), run_location)
+    train_loop(config, session)
+    return session.metrics, session.checkpoint
 
 
 def _raise_boatray_cause(error: BaseException | None) -> None:

@@ -14,9 +14,10 @@ checkpoint, each from its newest intact checkpoint where it has one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ray import tune
@@ -30,7 +31,9 @@ from ray.tune.search import BasicVariantGenerator
 
 from boatray import console, interrupt, sizing, storage
 from boatray.config import Experiment
+from boatray.data.manifest import read_manifest
 from boatray.errors import BoatrayError
+from boatray.features import featurefile
 from boatray.finetune import prefix_cache, rebuild
 from boatray.finetune.checkpoints import KEEP_CHECKPOINTS, latest_checkpoint
 from boatray.finetune.loop import loop_config, train_in_trial
@@ -41,10 +44,23 @@ from boatray.results import Layout
 
 
 def trial_experiment(exp: Experiment, config: dict) -> Experiment:
-    """The base settings with one trial's freeze, lr, scheduler and seed."""
+    """The base settings with one trial's freeze, lr, scheduler and seed, and its freeze
+    spec's epochs (`sweep.per_freeze`)."""
     return dataclasses.replace(exp, train=dataclasses.replace(
         exp.train, freeze=config["freeze"], lr=float(config["lr"]),
-        scheduler=config["scheduler"], seed=exp.seed + int(config["repeat"])))
+        scheduler=config["scheduler"], seed=exp.seed + int(config["repeat"]),
+        epochs=exp.sweep.epochs(config["freeze"], exp.train.epochs)))
+
+
+def most_epochs(exp: Experiment) -> int:
+    """The epochs of the sweep's longest trials (ASHA's max_t)."""
+    return max(exp.sweep.epochs(freeze, exp.train.epochs) for freeze in exp.sweep.freeze)
+
+
+def grid_points(exp: Experiment) -> list[dict[str, Any]]:
+    """The grid's (freeze, lr) points: each freeze spec with its learning rates."""
+    return [{"freeze": freeze, "lr": lr} for freeze in exp.sweep.freeze
+            for lr in exp.sweep.rates(freeze)]
 
 
 def in_trial_process(exp: Experiment) -> bool:
@@ -96,42 +112,68 @@ def run_trial(config: dict, experiment: Experiment, manifest: str, train_storage
     exp = trial_experiment(experiment, config)
     cache = caches.get(_cache_slot(config["freeze"], config["repeat"]))
     before = (earlier or {}).get(rebuild.config_key(config))
+    stops = scheduler_stops(experiment)
     if in_trial_process(exp):
-        train_in_trial(loop_config(exp, manifest, cache), before and latest_checkpoint(before))
+        train_in_trial(loop_config(exp, manifest, cache, stops),
+                       before and latest_checkpoint(before))
         return
     name = (storage.name(before).split("-")[0] if before
             else tune.get_context().get_trial_id())
     trainer = make_trainer(exp, Path(manifest), name=name, storage_path=train_storage,
-                           callbacks=[TuneReportCallback()], cache=cache)
+                           callbacks=[TuneReportCallback()], cache=cache, stops=stops)
     trainer.fit()
 
 
 def sweep_caches(exp: Experiment, manifest: Path) -> dict[str, str | None]:
     """The frozen-prefix cache of every freeze spec and repeat the sweep's trials can have
     (their lr and scheduler change no cache), computed now where missing; None where a trial
-    cannot use one. Pooled caches are read from the experiment's features (`shared_features`)."""
+    cannot use one. Where the features stage runs the same trunk, its one pass over the images
+    also fills every missing cache (`one_pass`)."""
     repeats = [0] if exp.sweep.search == "optuna" else range(exp.sweep.repeats)
     trials = {_cache_slot(freeze, repeat): trial_experiment(exp, {
         "freeze": freeze, "lr": exp.train.lr, "scheduler": exp.train.scheduler,
         "repeat": repeat}) for freeze in exp.sweep.freeze for repeat in repeats}
-    features = shared_features(exp, manifest, list(trials.values()))
-    return {slot: prefix_cache.prepare(trial, manifest, features)
-            for slot, trial in trials.items()}
+    plans = {slot: prefix_cache.plan(trial, manifest) for slot, trial in trials.items()}
+    features = one_pass(exp, manifest, [found for found in plans.values() if found])
+    return {slot: found and prefix_cache.ensure(found, features) for slot, found in plans.items()}
 
 
-def shared_features(exp: Experiment, manifest: Path, trials: list[Experiment]) -> Path | None:
-    """The experiment's features file, extracted now when a trial trains from the pooled
-    features and the features stage extracts the same ones: one trunk pass serves both."""
-    pooled = any(prefix_cache.cached_stage(trial)[0] == "pool" for trial in trials)
-    if not (pooled and exp.features.enabled and exp.features.stage == "pool"):
+def one_pass(exp: Experiment, manifest: Path, plans: list[prefix_cache.Plan]) -> Path | None:
+    """The experiment's features file, extracted now, when the features stage will run and a
+    cache needs the same trunk: one pass over the images gives the pooled features, every such
+    cache's activations (a pooled cache is then read from the features) and their evaluation
+    caches, from which the selected runs predict. None where no cache can come from the
+    features."""
+    if not exp.features.enabled:
         return None
-    if not exp.layout.features.is_file():
-        from boatray.features.pipeline import extract_experiment
+    source = prefix_cache.FeaturesSource(dataclasses.asdict(exp.model),
+                                         list(exp.data.image_size), exp.seed)
+    shared = {found.key: found for found in plans if found.same_trunk(source)}
+    features = exp.layout.features
+    if not shared or features.is_file():
+        return features if shared else None
+    from boatray.features.pipeline import extract_experiment
 
-        print("[cache] extracting the pooled features once: they serve the head trials' cache "
-              "and the SVM", flush=True)
-        extract_experiment(exp, manifest, exp.layout.features)
-    return exp.layout.features
+    frame, _ = read_manifest(manifest)
+    evaluations = [prefix_cache.evaluation_plan(found, frame) for found in shared.values()]
+    writers = [prefix_cache.CacheWriter(found) for found in [
+        *(found for found in shared.values() if found.stage != exp.features.stage),
+        *(found for found in evaluations if found is not None)] if not found.ready]
+    cuts = sorted({found.stage for found in shared.values()})
+    print(f"[cache] one pass over the images: the {exp.features.stage} features (for the "
+          "approaches on features), "
+          f"the {', '.join(cuts)} activations of the "
+          f"{', '.join(sorted({found.exp.train.freeze for found in shared.values()}))} trials "
+          "and of the selected runs' evaluation", flush=True)
+    try:
+        extract_experiment(exp, manifest, features, sinks=writers)
+        seconds = featurefile.feature_info(features)["extraction"]["seconds"]
+        for writer in writers:
+            writer.publish(seconds, {"one_pass_with": str(features)})
+    finally:
+        for writer in writers:
+            writer.discard()
+    return features
 
 
 def _cache_slot(freeze: str, repeat: int) -> str:
@@ -139,10 +181,13 @@ def _cache_slot(freeze: str, repeat: int) -> str:
 
 
 def param_space(exp: Experiment) -> dict[str, Any]:
-    """The seeds' grid by default, or a random/Optuna search over the same axes."""
+    """The seeds' grid by default (its (freeze, lr) points, `grid_points`, come from the search
+    algorithm), or a random/Optuna search over the same axes."""
     repeat = tune.grid_search(list(range(exp.sweep.repeats)))
     if exp.sweep.search == "grid":
-        return {"freeze": tune.grid_search(exp.sweep.freeze), "lr": tune.grid_search(exp.sweep.lr),
+        points = grid_points(exp)
+        return {"freeze": tune.choice(exp.sweep.freeze),
+                "lr": tune.choice(sorted({p["lr"] for p in points})),
                 "scheduler": tune.grid_search(exp.sweep.scheduler), "repeat": repeat}
     low, high = min(exp.sweep.lr), max(exp.sweep.lr)
     lr = tune.loguniform(low, high) if high > low else low
@@ -152,6 +197,11 @@ def param_space(exp: Experiment) -> dict[str, Any]:
 
 
 def _search_alg(exp: Experiment):
+    if exp.sweep.search == "grid":  # each point, then the scheduler x repeat grid under it
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(points_to_evaluate=grid_points(exp),
+                                     max_concurrent=exp.sweep.max_concurrent_trials)
     if exp.sweep.search != "optuna":
         return None
     try:
@@ -165,10 +215,23 @@ def _search_alg(exp: Experiment):
 def _scheduler(exp: Experiment):
     if not exp.sweep.asha.enabled:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", metric="valid_loss", mode="min",
-                         max_t=exp.train.epochs, grace_period=min(exp.sweep.asha.grace_period,
-                                                                  exp.train.epochs),
+    longest = most_epochs(exp)
+    return ASHAScheduler(time_attr="epoch", metric="valid_loss", mode="min", max_t=longest,
+                         grace_period=min(exp.sweep.asha.grace_period, longest),
                          reduction_factor=exp.sweep.asha.reduction_factor)
+
+
+def scheduler_stops(exp: Experiment) -> list[int]:
+    """The epochs after which ASHA may stop a trial (its rungs, `grace_period x
+    reduction_factor^k` below max_t, decided at the first epoch that reaches each); none
+    without ASHA. Trials checkpoint there (checkpoints.Cadence): a stopped trial's last epoch
+    has its checkpoint."""
+    if not exp.sweep.asha.enabled:
+        return []
+    longest, factor = most_epochs(exp), exp.sweep.asha.reduction_factor
+    grace = min(exp.sweep.asha.grace_period, longest)
+    rungs = int(math.log(longest / grace) / math.log(factor) + 1)
+    return sorted({math.ceil(grace * factor ** k) for k in range(rungs)})
 
 
 def _logger_callbacks(exp: Experiment) -> list:
@@ -229,9 +292,9 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> list[tun
                            f"or give this experiment a new name (--set name=...)")
     caches = sweep_caches(exp, manifest)
     if not restore:
-        return _fit(_tuner(exp, manifest, caches, param_space(exp), _search_alg(exp),
-                           1 if exp.sweep.search == "grid" else exp.sweep.num_samples,
-                           trial_count(exp)))
+        return _fit(exp, _tuner(exp, manifest, caches, param_space(exp), _search_alg(exp),
+                                len(grid_points(exp)) if exp.sweep.search == "grid"
+                                else exp.sweep.num_samples, trial_count(exp)))
     folders = rebuild.trial_folders(exp)
     for line in rebuild.damage_lines(folders):
         print(f"[sweep] {line}", flush=True)
@@ -246,14 +309,16 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> list[tun
     if problem:
         return _rebuilt(exp, manifest, caches, rebuild.plan(exp, folders, trial_count(exp)),
                         problem)
-    results = _fit(tuner)
+    results = _fit(exp, tuner)
     return results + rebuild.kept_outside(results, folders)
 
 
-def _fit(tuner: tune.Tuner) -> list[tune.Result]:
-    """Every trial's result of a Tune experiment; `interrupt.Interrupted` after a signal."""
+def _fit(exp: Experiment, tuner: tune.Tuner) -> list[tune.Result]:
+    """Every trial's result of a Tune experiment, each trial's last checkpoint kept;
+    `interrupt.Interrupted` after a signal."""
     results = list(tuner.fit())
     interrupt.after_tune()
+    keep_last_checkpoints(exp, results)
     return results
 
 
@@ -266,15 +331,14 @@ def _rebuilt(exp: Experiment, manifest: Path, caches: dict[str, str | None],
     if not (plan.points or plan.fresh):
         return plan.kept_results()
     space = {"freeze": tune.choice(exp.sweep.freeze),
-             "lr": tune.choice(exp.sweep.lr) if exp.sweep.search == "grid"
-             else param_space(exp)["lr"],
+             "lr": param_space(exp)["lr"],
              "scheduler": tune.choice(exp.sweep.scheduler),
              "repeat": tune.choice(list(range(exp.sweep.repeats)))}
     count = len(plan.points) + plan.fresh
     search = BasicVariantGenerator(points_to_evaluate=plan.points,
                                    max_concurrent=exp.sweep.max_concurrent_trials)
     earlier = {key: folder.location for key, folder in plan.resumed.items()}
-    return _fit(_tuner(exp, manifest, caches, space, search, count, count, earlier)) + (
+    return _fit(exp, _tuner(exp, manifest, caches, space, search, count, count, earlier)) + (
         plan.kept_results())
 
 
@@ -309,19 +373,42 @@ def _tuner(exp: Experiment, manifest: Path, caches: dict[str, str | None], space
             failure_config=tune.FailureConfig(max_failures=exp.train.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=[console.TrialLines(
-                total, exp.train.epochs, exp.sweep.metric,
+                total, {f: exp.sweep.epochs(f, exp.train.epochs) for f in exp.sweep.freeze},
+                exp.sweep.metric,
                 {(f, int(r)) for f, r in (slot.split("/") for slot, cache in caches.items()
                                           if cache)}),
                 GracefulStop(), RecoverCheckpoints(), RetryLines(exp.train.max_failures),
                 *_logger_callbacks(exp)]))
 
 
+def keep_last_checkpoints(exp: Experiment, results: list[tune.Result]) -> None:
+    """Each finished trial's checkpoints but its last removed (Tune keeps KEEP_CHECKPOINTS
+    while the sweep runs): nothing restores a finished sweep's trials, and evaluation reads
+    the last one."""
+    for result in results:
+        if result.checkpoint is None:
+            continue
+        trial = storage.same_kind(exp.storage_uri, result.path)
+        last = PurePosixPath(result.checkpoint.path).name
+        older = {relative.parts[0] for _, relative in storage.files_under(trial)
+                 if relative.parts[0].startswith("checkpoint_") and relative.parts[0] != last}
+        for folder in older:
+            storage.delete(storage.join(trial, folder))
+
+
 def trial_count(exp: Experiment) -> int:
     """How many trials the sweep runs: the grid's points, or the samples (x repeats)."""
     if exp.sweep.search == "grid":
-        return (len(exp.sweep.freeze) * len(exp.sweep.lr) * len(exp.sweep.scheduler)
-                * exp.sweep.repeats)
+        return len(grid_points(exp)) * len(exp.sweep.scheduler) * exp.sweep.repeats
     return exp.sweep.num_samples * (exp.sweep.repeats if exp.sweep.search == "random" else 1)
+
+
+def trial_epochs(exp: Experiment) -> int:
+    """The epochs all the sweep's trials run at most (ASHA stops some early)."""
+    if exp.sweep.search == "grid":
+        return sum(exp.sweep.epochs(point["freeze"], exp.train.epochs)
+                   for point in grid_points(exp)) * len(exp.sweep.scheduler) * exp.sweep.repeats
+    return trial_count(exp) * most_epochs(exp)
 
 
 def _trial_dirname(trial) -> str:

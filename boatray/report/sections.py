@@ -7,7 +7,7 @@ import re
 import pandas as pd
 import yaml
 
-from boatray import approaches
+from boatray import approaches, estimate
 from boatray.report import plots, tables
 from boatray.report.render import Code, Plot, Section, Table, format_frame
 from boatray.report.study import LoadedResults
@@ -162,7 +162,20 @@ def cost_section(study: LoadedResults) -> Section:
          "images_per_second counts what rate_counts says: images through the network, or "
          "cached activations, which skip the frozen layers and are not comparable with "
          "images. epochs is the length of the run's history."),
-        Table("cost", cost, format_frame(shown, FORMATS))])
+        Table("cost", cost, format_frame(shown, FORMATS)),
+        *_estimate_items(study)])
+
+
+def _estimate_items(study: LoadedResults) -> list:
+    """Each stage's wall time as the run estimated it before it started, and as it was."""
+    times = estimate.stage_times(study.results_dir)
+    if times is None:
+        return []
+    return [f"Each stage's wall time as estimated before the run (from a calibration on the "
+            f"driver's node, {estimate.TIMING_FILE}) and as it was:",
+            Table("estimate", times, format_frame(times, {
+                "estimated_seconds": "{:.0f}", "actual_seconds": "{:.0f}",
+                "actual / estimate": "{:.2f}"}))]
 
 
 def repeats_section(study: LoadedResults) -> Section | None:
