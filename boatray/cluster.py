@@ -63,8 +63,11 @@ def start_ray(address: str | None = None, **kwargs) -> None:
 
     A local instance gets a free dashboard port, exported as RAY_API_SERVER_ADDRESS before Ray
     starts so that every process it spawns (Train's placement-group cleaner queries the State
-    API without an address) finds this instance and not another one on the same host.
+    API without an address) finds this instance and not another one on the same host. Tune's
+    legacy output engine is chosen (RAY_AIR_NEW_OUTPUT=0, unless set): at verbose=0 it prints
+    nothing, where the new one prints its config table and a TensorBoard hint.
     """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
     address = ray_address(address)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import shutil
 import sys
 import time
@@ -76,9 +75,6 @@ def route_driver_logs(results_dir: Path, verbose: bool = False) -> Path:
         logger.addHandler(handler)
         logger.propagate = False
     logging.getLogger("ray").setLevel(logging.INFO)
-    # Tune's new output engine prints its config table and a TensorBoard hint (into Ray's
-    # temporary folder) even at verbose=0; its legacy engine prints nothing at verbose=0
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return path
 
 

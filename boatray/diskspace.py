@@ -3,8 +3,9 @@ full disk during the run said in one line.
 
 The estimate adds up, from the model's size and the manifest's counts, in the results folder:
 the tensors that do not train, once (weightstore.py: once per seed for a randomly initialised
-network); every trial's kept checkpoint (what its freeze spec trains, and the optimizer state of
-it until the sweep ends), plus the next one each concurrent trial writes; the exported models;
+network); every trial's last checkpoint (what its freeze spec trains) and, until the sweep ends,
+its KEEP_CHECKPOINTS checkpoints with their optimizer states, plus the next one each concurrent
+trial writes; the exported models;
 the features; the baseline; the report and logs. In the temporary folders: the checkpoint each
 concurrent trial writes first, and Ray's object spilling. The frozen-prefix and decoded-image
 caches are counted apart: where one does not fit it is skipped (the run then trains from
@@ -36,6 +37,8 @@ from boatray.finetune.checkpoints import KEEP_CHECKPOINTS
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 REPORT_AND_LOGS = 5 * 2**20
+TRIALS_LAST = "each trial's last checkpoint"
+WHILE_SWEEPING = "earlier checkpoints and optimizer states while the sweep runs"
 """The report (figures, tables, HTML), Ray's logs and the small JSON files: a few MB."""
 
 
@@ -65,12 +68,14 @@ def needs(exp: Experiment, manifest: pd.DataFrame) -> list[Need]:
         trained = {spec: _trained(network, spec) for spec in exp.sweep.freeze}
         slots = {"adam": 2, "adamw": 2}.get(exp.train.optimizer,
                                             1 if exp.train.momentum > 0 else 0)
-        checkpoint = max(trained.values()) * (1 + slots)
-        repeats = len(exp.sweep.lr) * len(exp.sweep.scheduler) * exp.sweep.repeats
-        trials = (sum(trained.values()) * (1 + slots) * repeats if exp.sweep.search == "grid"
-                  else checkpoint * exp.sweep.num_samples * exp.sweep.repeats)
-        concurrent = checkpoint * exp.sweep.max_concurrent_trials
-        results.required["trial checkpoints"] = trials * KEEP_CHECKPOINTS + concurrent
+        concurrent = max(trained.values()) * (1 + slots) * exp.sweep.max_concurrent_trials
+        if exp.sweep.search == "grid":
+            last = sum(size * len(exp.sweep.rates(spec)) for spec, size in trained.items()) * (
+                len(exp.sweep.scheduler) * exp.sweep.repeats)
+        else:
+            last = max(trained.values()) * exp.sweep.num_samples * exp.sweep.repeats
+        results.required[TRIALS_LAST] = last
+        results.required[WHILE_SWEEPING] = last * ((1 + slots) * KEEP_CHECKPOINTS - 1) + concurrent
         results.required["exported fine-tunes"] = sum(trained.values()) * exp.sweep.repeats
         temporary.required["checkpoints being written"] = concurrent
         results.optional["frozen-prefix caches"] = _prefix_caches(exp, classes, cached_rows)
@@ -90,7 +95,7 @@ def needs(exp: Experiment, manifest: pd.DataFrame) -> list[Need]:
         temporary.required["checkpoints being written"] = max(
             temporary.required.get("checkpoints being written", 0), 3 * base)
     if exp.remote_storage:  # Tune, Train, the caches and the store write to the storage itself
-        for kept_there in ("trial checkpoints", "frozen tensors, once"):
+        for kept_there in (TRIALS_LAST, WHILE_SWEEPING, "frozen tensors, once"):
             results.required.pop(kept_there, None)
         results.optional.pop("frozen-prefix caches", None)
     return [need for need in (results, temporary, spill) if need.required or need.optional]
