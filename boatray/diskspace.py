@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from boatray import approaches, freezing, models
+from boatray import approaches, cachedir, freezing, models
 from boatray.config import Experiment
 from boatray.errors import BoatrayError
 from boatray.finetune import prefix_cache
@@ -124,7 +124,7 @@ def plan_line(exp: Experiment, manifest: pd.DataFrame) -> str:
                            if size)
         optional = ", ".join(f"{what} {_size(size)}" for what, size in need.optional.items()
                              if size)
-        free = shutil.disk_usage(_existing(need.folder)).free
+        free = cachedir.free_space(need.folder)
         parts.append(f"{need.what} {need.folder}: about {_size(sum(need.required.values()))}"
                      f" ({detail}{'; if they fit, ' + optional if optional else ''}); "
                      f"{_size(free)} free")
@@ -142,10 +142,10 @@ def full_disk_line(exc: OSError, folders: list[Path]) -> str:
     the results and temporary folders) and its free space."""
     if exc.filename:
         written = Path(exc.filename)
-        folder = _existing(written if written.is_dir() else written.parent)
+        folder = cachedir.nearest_existing(written if written.is_dir() else written.parent)
     else:
-        folder = min((_existing(f) for f in folders), key=lambda f: shutil.disk_usage(f).free)
-    return (f"no space left on device in {folder} ({_size(shutil.disk_usage(folder).free)} "
+        folder = min((cachedir.nearest_existing(f) for f in folders), key=cachedir.free_space)
+    return (f"no space left on device in {folder} ({_size(cachedir.free_space(folder))} "
             f"free there)")
 
 
@@ -161,16 +161,10 @@ def _still_needed(need: Need) -> int:
 def _by_filesystem(found: list[Need]) -> dict[Path, list[Need]]:
     groups: dict[int, list[Need]] = {}
     for need in found:
-        groups.setdefault(_existing(need.folder).stat().st_dev, []).append(need)
-    return {_existing(group[0].folder): group for group in groups.values()}
+        groups.setdefault(cachedir.nearest_existing(need.folder).stat().st_dev, []).append(need)
+    return {cachedir.nearest_existing(group[0].folder): group for group in groups.values()}
 
 
-def _existing(path: Path) -> Path:
-    """`path`, or its nearest folder that exists."""
-    path = Path(path).resolve()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _spill_dir() -> Path:

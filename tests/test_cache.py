@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from boatray import freezing, models, precision, predict
+from boatray import cachedir, freezing, models, precision, predict
 from boatray.config import SyntheticConfig, from_dict
 from boatray.data import manifest as manifest_module
 from boatray.data import synthetic
@@ -98,6 +98,9 @@ def test_the_key_names_everything_the_activations_depend_on(tmp_path, manifest):
 
     base = key()
     assert base.startswith("resnet18-layer3-32x96-") and key() == base
+    raw = settings(tmp_path)
+    raw["model"]["name"] = "timm/resnet18"  # one folder, not timm/...
+    assert prefix_cache.cache_key(from_dict(raw), rows, "pool").startswith("timm-resnet18-pool-")
     assert len({base, key(seed=1), key(stage="pool"), key(image_size=[64, 96]),
                 key(rows=rows.iloc[1:])}) == 5
     weights = tmp_path / "w.pt"
@@ -129,7 +132,7 @@ def test_the_key_names_the_device_and_compute_dtype_that_extract_it(tmp_path, ma
 def test_a_cache_that_would_not_fit_on_the_disk_is_not_computed(tmp_path, manifest,
                                                                  monkeypatch, capsys):
     monkeypatch.setattr(prefix_cache, "_compute", lambda *args: pytest.fail("computed"))
-    monkeypatch.setattr(prefix_cache.shutil, "disk_usage",
+    monkeypatch.setattr(cachedir.shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(2**30, 2**30 - 10**5, 10**5))
     exp = from_dict(settings(tmp_path, freeze="last1"))
     assert prefix_cache.prepare(exp, manifest) is None  # 48 x 256x2x6 float16 = 0.3 MB

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
+from boatray import cachedir
 from boatray.config import SyntheticConfig
 from boatray.data import decoded, synthetic
 from boatray.data import manifest as manifest_module
@@ -123,7 +124,7 @@ def test_a_corrupt_image_raises_imagedatasets_error_and_leaves_no_cache(rows, tm
 def test_a_full_disk_means_no_cache_and_one_line(rows, tmp_path, monkeypatch, capsys):
     root = tmp_path / "decoded"
     usage = shutil.disk_usage(tmp_path)._replace(free=1000)
-    monkeypatch.setattr(decoded.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(cachedir.shutil, "disk_usage", lambda path: usage)
     assert decoded.ensure_decoded(rows, SIZE, root) is None
     assert "[cache] decoded-image cache not used" in capsys.readouterr().out
     monkeypatch.undo()

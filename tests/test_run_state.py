@@ -331,7 +331,7 @@ def test_a_sweep_whose_tune_state_cannot_be_read_is_rebuilt_from_its_trial_folde
     assert {key: f.location for key, f in plan.resumed.items()} == {
         "last1/0.01/none/0": str(running)}
     assert [rebuild.describe_config(c) for c in plan.points] == [
-        "last1 lr=1e-02 none r0", "head lr=1e-03 none r0", "last1 lr=1e-03 none r0"]
+        "head lr=1e-03 none r0", "last1 lr=1e-02 none r0", "last1 lr=1e-03 none r0"]
     assert plan.line() == (
         "the sweep is rebuilt from its trial folders: 1 kept as they ended: t_00000 (head "
         "lr=1e-02 none r0); 1 resume from their checkpoints: t_00001 (last1 lr=1e-02 none r0) "

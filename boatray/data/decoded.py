@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,14 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from boatray import cachedir
 from boatray.data.images import decode, to_chw
 from boatray.errors import BoatrayError
 
 FORMAT = 1
 """Part of every key: bump it when what a cache holds (or how it is decoded) changes."""
 INFO_FILE = "decoded.json"
-FREE_DISK_SHARE = 0.9
-"""A new cache may take at most this share of the free space of `root`."""
 
 
 def rows_digest(rows: pd.DataFrame) -> str:
@@ -83,12 +81,12 @@ def _build(rows: pd.DataFrame, size: tuple[int, int], folder: Path,
     """Decode `rows` into a temporary folder, write its info last, rename it to `folder`."""
     height, width = size
     splits = {split: rows.path[rows.split == split].tolist() for split in rows.split.unique()}
-    needed, free = len(rows) * height * width * 3, shutil.disk_usage(folder.parent).free
-    if needed > FREE_DISK_SHARE * free:
+    needed = len(rows) * height * width * 3
+    if not cachedir.fits(needed, folder.parent):
         return _not_used(f"{len(rows)} images at {height}x{width} need {needed / 2**30:.1f} "
-                         f"GiB, {folder.parent} has {free / 2**30:.1f} GiB free")
-    temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
-    temporary.mkdir()
+                         f"GiB, {folder.parent} has "
+                         f"{cachedir.free_space(folder.parent) / 2**30:.1f} GiB free")
+    temporary = cachedir.temporary_beside(folder)
     try:
         started = time.monotonic()
         arrays = {split: allocate(temporary / f"{split}.npy", (len(paths), height, width, 3))
@@ -101,7 +99,7 @@ def _build(rows: pd.DataFrame, size: tuple[int, int], folder: Path,
                 "bytes": needed, "seconds": time.monotonic() - started, "threads": threads}
         del arrays
         (temporary / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        os.rename(temporary, folder)
+        cachedir.publish(temporary, folder, INFO_FILE)
         print(f"[cache] decoded {len(rows)} images at {height}x{width} once in "
               f"{info['seconds']:.1f} s ({needed / 2**20:.0f} MiB): {folder}", flush=True)
     except OSError as exc:

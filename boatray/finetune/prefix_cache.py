@@ -18,11 +18,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from boatray import freezing, models, precision, storage
+from boatray import cachedir, freezing, models, precision, storage
 from boatray.config import Experiment
 from boatray.data.decoded import MappedSplit, allocate, rows_digest
 from boatray.data.manifest import read_manifest
@@ -48,8 +46,6 @@ EVALUATION_DTYPE = "float32"
 """An evaluation cache's dtype: the selected runs' predictions from it equal those from images."""
 FORMAT = 1
 """Part of every key: bump it when what a cache holds changes."""
-FREE_DISK_SHARE = 0.9
-"""A new cache may take at most this share of the free space where it is written."""
 DTYPE = "float16"
 """What caches store (part of the key; the tests use float32 to show the cached path exact)."""
 
@@ -73,7 +69,8 @@ def cached_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def cache_key(exp: Experiment, rows: pd.DataFrame, stage: str) -> str:
-    """The cache's name: readable, then a digest of everything its values depend on, the
+    """The cache's folder name (a timm model's `timm/` becomes `timm-`): readable, then a
+    digest of everything its values depend on, the
     device type and compute dtype that extract it included (a cache made in fp32 on a CPU is
     not reused by a bf16 run on a GPU, nor the reverse)."""
     device = "cuda" if exp.features.use_gpu else "cpu"  # as the features pipeline places it
@@ -87,7 +84,7 @@ def cache_key(exp: Experiment, rows: pd.DataFrame, stage: str) -> str:
               "device": device, "compute": precision.compute_dtype(exp.features.amp, device)}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
     height, width = exp.data.image_size
-    return f"{exp.model.name}-{stage}-{height}x{width}-{digest}"
+    return f"{exp.model.name.replace('/', '-')}-{stage}-{height}x{width}-{digest}"
 
 
 def location(exp: Experiment, key: str) -> str:
@@ -198,7 +195,7 @@ def plan(exp: Experiment, manifest: str | Path) -> Plan | None:
         return found
     print(f"[cache] {run}: frozen-prefix cache not used: its {stage} activations need "
           f"{_needed(found) / 2**30:.1f} GiB, {local_folder(found.where).parent} has "
-          f"{_free(found) / 2**30:.1f} GiB free", flush=True)
+          f"{cachedir.free_space(local_folder(found.where)) / 2**30:.1f} GiB free", flush=True)
     return None
 
 
@@ -224,16 +221,12 @@ def evaluation_cache(exp: Experiment, frame: pd.DataFrame) -> str | None:
 
 
 def _fits(found: Plan) -> bool:
-    """Whether a new cache takes at most FREE_DISK_SHARE of the free space where it goes."""
-    return _needed(found) <= FREE_DISK_SHARE * _free(found)
+    """Whether a new cache fits where it goes (cachedir.fits)."""
+    return cachedir.fits(_needed(found), local_folder(found.where))
 
 
 def _needed(found: Plan) -> int:
     return len(found.rows) * int(np.prod(found.shape)) * np.dtype(found.dtype).itemsize
-
-
-def _free(found: Plan) -> int:
-    return shutil.disk_usage(_existing(local_folder(found.where))).free
 
 
 def ensure(found: Plan, features: Path | None = None) -> str:
@@ -261,12 +254,6 @@ def prepare(exp: Experiment, manifest: str | Path, features: Path | None = None)
     none (`ensure`); None when the run does not train from one."""
     found = plan(exp, manifest)
     return None if found is None else ensure(found, features)
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def _in_features(found: Plan, features: Path | None) -> bool:
@@ -323,8 +310,7 @@ class CacheWriter:
     def __init__(self, found: Plan) -> None:
         self.plan, self.stage = found, found.stage
         self.folder = local_folder(found.where)
-        self.temporary = self.folder.with_name(f".{self.folder.name}.{uuid.uuid4().hex}.tmp")
-        self.temporary.mkdir(parents=True)
+        self.temporary = cachedir.temporary_beside(self.folder)
         counts = found.rows.split.value_counts()
         self.arrays = {split: allocate(self.temporary / f"{split}.npy",
                                        (int(counts.get(split, 0)), *found.shape), found.dtype)
@@ -360,7 +346,7 @@ class CacheWriter:
                 "seed": exp.train.seed, **settings}
         self.arrays = {}
         (self.temporary / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _publish(self.temporary, self.folder)
+        cachedir.publish(self.temporary, self.folder, INFO_FILE)
         if storage.is_remote(self.plan.where):  # the data files first, cache.json last
             storage.copy((self.folder / name, storage.join(self.plan.where, name))
                          for name in self.plan.files)
@@ -372,16 +358,6 @@ class CacheWriter:
         shutil.rmtree(self.temporary, ignore_errors=True)
 
 
-def _publish(temporary: Path, folder: Path) -> None:
-    """Rename a finished temporary folder into place; if another writer got there first, its
-    (equal) cache stays and ours is dropped by the caller."""
-    try:
-        os.rename(temporary, folder)
-    except OSError:
-        if not (folder / INFO_FILE).is_file():
-            raise
-
-
 def open_cache(where: str) -> tuple[Path, dict]:
     """(the local folder to read a cache from, its cache.json record); a remote cache is
     downloaded to this node once."""
@@ -390,14 +366,13 @@ def open_cache(where: str) -> tuple[Path, dict]:
         if not storage.is_remote(where):
             raise BoatrayError(f"frozen-prefix cache {where} not found on this node (a "
                                "multi-node cluster needs a shared storage_path)")
-        temporary = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
-        temporary.mkdir(parents=True)
+        temporary = cachedir.temporary_beside(folder)
         try:
             info = storage.read_bytes(storage.join(where, INFO_FILE))
             storage.copy((storage.join(where, f"{split}.npy"), temporary / f"{split}.npy")
                          for split in json.loads(info)["images"])
             (temporary / INFO_FILE).write_bytes(info)  # last: the copy is complete
-            _publish(temporary, folder)
+            cachedir.publish(temporary, folder, INFO_FILE)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
     return folder, json.loads((folder / INFO_FILE).read_text())
