@@ -92,7 +92,7 @@ def endpoint(location: str | Path) -> str | None:
 
 def staging_dir(name: str) -> Path:
     """The local folder the driver writes a remote experiment's results into."""
-    return Path(tempfile.gettempdir()) / "boatray" / name
+    return Path(tempfile.gettempdir()) / "boatray-staging" / name
 
 
 def open_location(location: str | Path) -> tuple[fs.FileSystem, str]:

@@ -69,3 +69,9 @@ def test_the_weight_store_and_ray_state_stay_remote_and_fetch_skips_only_ray_sta
         == ["data/manifest.parquet", "models/svm/weights.pt", "report/report.html"]
     assert storage.fetch(f"file://{remote}", fetched) == 4
     assert (fetched / "tensors" / "ab12").is_file() and not (fetched / "tune").exists()
+
+
+def test_the_staging_folder_is_not_an_importable_name():
+    """`python -m boatray.sweep` run from the temporary folder imported a staging folder named
+    `boatray` there as the package, and stopped: unknown preset 'smoke'."""
+    assert not storage.staging_dir("smoke").parent.name.isidentifier()

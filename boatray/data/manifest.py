@@ -142,7 +142,7 @@ def ensure_manifest(exp: Experiment) -> Path:
     else:
         if source is None:
             tree = synthetic.generate(data_dir / "synthetic", exp.data.synthetic, exp.seed)
-            print(f"data: SYNTHETIC images generated in {tree} (data.source is null)")
+            print(f"SYNTHETIC images generated in {tree} (data.source is null)")
             source = tree
         path = prepare(source, data_dir, exp.data.protocol, exp.data.valid_fraction, exp.seed,
                        exp.data.max_pixels)
