@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from boatray import precision
 from boatray.cluster import Capacity
 from boatray.config import Experiment
 from boatray.results import atomic_write_text
@@ -176,7 +177,8 @@ def calibrate(exp: Experiment, frame: pd.DataFrame) -> Calibration:
              f"{trial_threads} per trial",
         decode_s=_decode_seconds(paths, size), trunk_s=trunk_s,
         trunk_rate=f"trunk {1 / trunk_s:.1f} images/s at {size[0]}x{size[1]}, batch "
-                   f"{exp.features.batch_size}, {exp.features.dtype}",
+                   f"{exp.features.batch_size}, "
+                   f"{precision.compute_dtype(exp.features.amp, 'cpu')}",
         prefix_s=prefix_s, train_s=train_s, eval_s=eval_s, cached=cached, single=single,
         seconds=time.perf_counter() - began)
 
