@@ -186,12 +186,12 @@ def placement(exp: Experiment, images: int, capacity: Capacity) -> list[str]:
     worker = worker_resources(exp.train)
     lines = ["where: the driver (this node): the stages in turn, the classical heads' fits, "
              "the report"]
-    trains = [name for name in ("finetune", "baseline") if name in chosen]
+    trains = [name for name, approach in chosen.items() if approach.trains_network]
     if trains and in_trial_process(exp):
         lines.append(on(f"each {' and '.join(trains)} run trains in its own process of",
                         worker))
     elif trains:
-        if "finetune" in chosen:
+        if any(approach.tuned for approach in chosen.values()):
             lines.append(on("each sweep trial's driver takes", trial_resources(exp)))
         lines.append(on(f"each run's {exp.train.num_workers} Ray Train workers (DDP) take each",
                         worker))

@@ -62,6 +62,9 @@ class Approach(abc.ABC):
     """Fitted on the experiment's extracted features (then `features.enabled` switches it too)."""
     trains_network: bool = False
     """Trains a network epoch by epoch: its runs have a learning curve (`history`)."""
+    tuned: bool = False
+    """Its runs are the trials of a Ray Tune sweep (with Ray Train workers, each trial's own
+    process drives its run)."""
 
     def enabled(self, config: dict[str, Any]) -> bool:
         """Whether the experiment's config (as a dict, `Experiment.to_dict()`) runs it."""

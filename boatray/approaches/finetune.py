@@ -19,6 +19,7 @@ class Finetune(NetworkApproach):
     title = "fine-tune"
     stage = "fine-tuning sweep"
     section = "sweep"
+    tuned = True
 
     def training(self, exp: Experiment) -> Experiment:
         return exp
