@@ -331,13 +331,14 @@ def sample_images(count: int, sample: Path = SAMPLE) -> list[tuple[Path, str]]:
 
 def image_tree(root: Path, counts: dict[str, int], sample: Path = SAMPLE) -> Path:
     """An ImageFolder tree `root/{train,valid,test}/<class>/` of symlinks to real JPEGs
-    (`counts` images per split; valid and test reuse the first training images, so their
-    classes are training classes) and its manifest, made by boatray's `prepare`; returns the
-    manifest's path."""
+    (`counts` images per split, test at least 1: `prepare` refuses data without a test image;
+    valid and test reuse the first training images, so their classes are training classes)
+    and its manifest, made by boatray's `prepare`; returns the manifest's path."""
     items = sample_images(counts.get("train", 0), sample)
+    wanted = {**counts, "test": max(1, counts.get("test", 0))}
     for split in ("train", "valid", "test"):
         (root / split).mkdir(parents=True, exist_ok=True)
-        chosen = items if split == "train" else items[:counts.get(split, 0)]
+        chosen = items if split == "train" else items[:wanted.get(split, 0)]
         for number, (path, label) in enumerate(chosen):
             link = root / split / label / f"{number:05d}_{path.name}"
             link.parent.mkdir(exist_ok=True)

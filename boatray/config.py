@@ -93,6 +93,7 @@ class TrainConfig:
     cpus_per_worker: float = option(1.0, min=0.0)
     loader_workers: int = option(2, min=0)
     max_failures: int = option(1, min=0)
+    checkpoint_every_s: float = option(60.0, min=0.0)  # and at ASHA's rungs and the end
 
 
 @dataclass

@@ -121,12 +121,13 @@ def duration(seconds: float) -> str:
 
 
 EPOCH_LINE_EVERY_S = 5.0
-"""A trial's epoch lines come at most this often, but for its first and last epochs."""
+"""A trial's epoch lines on cached activations come at most this often, but for its first and
+last epochs."""
 
 
 class TrialLines(tune.Callback):
-    """One line per trial epoch (for quick epochs, one every EPOCH_LINE_EVERY_S and the first
-    and last) and one per trial end.
+    """One line per trial epoch (for a trial on cached activations, one every
+    EPOCH_LINE_EVERY_S and the first and last) and one per trial end.
 
     Rates say what they count: images through the network, or cached activations for a trial
     that trains on the frozen-prefix cache. `epochs`: each freeze spec's. The ETA is the
@@ -168,12 +169,12 @@ class TrialLines(tune.Callback):
         epoch = int(result.get("epoch", 0))
         self.done_epochs[trial.trial_id] = epoch
         now, length = time.monotonic(), self.lengths[trial.trial_id]
+        cached = (trial.config["freeze"], int(trial.config["repeat"])) in self.cached
         recent = now - self.shown.get(trial.trial_id, -EPOCH_LINE_EVERY_S) < EPOCH_LINE_EVERY_S
-        if recent and epoch not in (1, length):
-            return  # a trial of quick epochs (cached features): a line every few seconds
+        if cached and recent and epoch not in (1, length):
+            return  # quick epochs on cached activations: a line every few seconds
         self.shown[trial.trial_id] = now
-        unit = ("cached activations/s" if (trial.config["freeze"], int(trial.config["repeat"]))
-                in self.cached else "images/s")
+        unit = "cached activations/s" if cached else "images/s"
         print(f"[sweep] {name} {epoch_text(result, length, unit)}, "
               f"{duration(float(result.get('time_total_s', 0.0)))} | {self._eta()}", flush=True)
 

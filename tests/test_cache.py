@@ -339,7 +339,8 @@ def test_predictions_from_the_evaluation_cache_equal_those_from_images(runs, man
     assert prefix_cache.evaluation_cache(exp, frame) == where
     checkpoint = checkpoints.latest_checkpoint(Path(exp.storage_path).parent / "runs" / name)
     cached = finetune_run.predict_cached(checkpoint, str(manifest), where, exp.train)
-    images = predict.predict_checkpoint(checkpoint, manifest, ("valid", "test"))
+    images = predict.predict_checkpoint(checkpoint, manifest, ("valid", "test"),
+                                        amp=exp.train.amp)
     assert cached[["path", "split", "y_true", "y_pred"]].equals(
         images[["path", "split", "y_true", "y_pred"]])
     np.testing.assert_allclose(proba_of(cached), proba_of(images), atol=1e-5)

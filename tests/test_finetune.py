@@ -199,7 +199,7 @@ def worker_measuring_replica_spread(config: dict) -> None:
             self.worst = max(self.worst, *(float((c - state).abs().max()) for c in copies))
             super().report({**metrics, "replica_spread": self.worst}, write)
 
-    loop.train_loop(config, Measuring())
+    loop.train_loop(config, Measuring(config["experiment"]["storage_path"]))
 
 
 @pytest.fixture(scope="module")
@@ -320,8 +320,8 @@ def test_a_one_worker_run_trains_here_without_tune_and_resumes(trial_runs):
 class CrashOnce(sessions.TrialSession):
     """A trial session whose process dies right after its first checkpoint, once."""
 
-    def __init__(self, marker: Path) -> None:
-        super().__init__(torch.device("cpu"))
+    def __init__(self, marker: Path, storage_path: str) -> None:
+        super().__init__(torch.device("cpu"), storage_path)
         self.marker = marker
 
     def report(self, metrics, write):
@@ -332,7 +332,7 @@ class CrashOnce(sessions.TrialSession):
 
 
 def crashing_trial(_: dict, config: dict, marker: str) -> None:
-    loop.train_loop(config, CrashOnce(Path(marker)))
+    loop.train_loop(config, CrashOnce(Path(marker), config["experiment"]["storage_path"]))
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""A resumed sweep whose experiment state names a checkpoint Tune has since replaced."""
+"""A resumed sweep whose experiment state names a checkpoint Tune has since replaced: the
+trial continues from its newest intact one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from boatray.finetune.checkpoints import META_FILE
+from boatray.finetune.checkpoints import META_FILE, write_manifest
 from boatray.finetune.stale_checkpoints import RecoverCheckpoints
 
 
@@ -26,6 +27,7 @@ def two_steps(config: dict) -> None:
         step += 1
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / META_FILE).write_text(json.dumps({"epoch": step}))
+            write_manifest(folder)
             tune.report({"epoch": step}, checkpoint=tune.Checkpoint.from_directory(folder))
         if checkpoint is None:
             raise RuntimeError("the first run stops after its first checkpoint")

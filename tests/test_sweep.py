@@ -404,7 +404,8 @@ def test_a_trial_killed_past_its_retries_fails_alone_and_says_so(tmp_path):
     assert failure.startswith("fine-tuning sweep: trial ") and (
         "(all lr=1e-02 none r0) failed after 1 epoch(s): a Ray process was lost" in failure)
     assert f"error: {failure}" in log
-    assert [read_run(p)[1]["freeze"] for p in find_runs(results)] == ["head"]
+    records = [read_run(p)[1] for p in find_runs(results)]
+    assert [r["freeze"] for r in records if r["approach"] == "finetune"] == ["head"]
     report = (results / "report" / "report.md").read_text()
     assert report.index("## Failed stages") < report.index("## Summary")
     assert "(all lr=1e-02 none r0) failed after 1 epoch(s)" in report[:report.index("## Summary")]

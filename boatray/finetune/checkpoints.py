@@ -39,10 +39,6 @@ snapshot of its experiment state whenever a trial has written this many checkpoi
 last one (so that the state never names a deleted checkpoint): with 3, and trials that
 checkpoint on the `Cadence` below, that happens only for three checkpoints within one of Tune's
 periodic snapshots (every 10 s or more), not after every epoch of every trial."""
-CHECKPOINT_EVERY_S = 60.0
-"""Between the epochs that must be checkpointed, a run checkpoints at most this often: a
-crash loses at most about this much of its training."""
-
 Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
 
 
@@ -87,7 +83,12 @@ def checkpoint_problem(location: str | Path) -> str | None:
     or None when every file its manifest lists is there with the recorded size and sha256.
 
     Files in a remote storage are checked by size only (hashing would download them)."""
-    filesystem, base = storage.open_location(location)
+    return folder_problem(*storage.open_location(location))
+
+
+def folder_problem(filesystem: fs.FileSystem, base: str) -> str | None:
+    """`checkpoint_problem` of a checkpoint folder given as (filesystem, path), as Tune names
+    its checkpoints."""
     try:
         with filesystem.open_input_stream(f"{base}/{MANIFEST_FILE}") as stream:
             listed = json.loads(stream.read())["files"]
@@ -95,7 +96,7 @@ def checkpoint_problem(location: str | Path) -> str | None:
         return f"it has no {MANIFEST_FILE} (written last: the checkpoint is incomplete)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"its {MANIFEST_FILE} cannot be read ({type(exc).__name__})"
-    digests = not storage.is_remote(location)
+    digests = filesystem.type_name == "local"
     for name, expected in listed.items():
         info = filesystem.get_file_info(f"{base}/{name}")
         if info.type != fs.FileType.File:
@@ -167,17 +168,18 @@ def finalize(checkpoint: str) -> None:
 
 class Cadence:
     """Which epochs of a run end with a checkpoint: its last, every one where a scheduler may
-    stop it (`stops`: ASHA's rungs), and otherwise one at most every CHECKPOINT_EVERY_S. An
+    stop it (`stops`: ASHA's rungs), and otherwise one at most every `every_s` seconds
+    (`train.checkpoint_every_s`: a crash loses at most about that much of its training). An
     epoch that ends without one still reports its metrics."""
 
-    def __init__(self, epochs: int, stops: Iterable[int] = ()) -> None:
-        self.must = {epochs, *stops}
+    def __init__(self, epochs: int, stops: Iterable[int] = (), every_s: float = 60.0) -> None:
+        self.must, self.every_s = {epochs, *stops}, every_s
         self.last = time.monotonic()
 
     def due(self, done: int) -> bool:
         """Whether the epoch that made `done` finished epochs ends with a checkpoint."""
         now = time.monotonic()
-        if done in self.must or now - self.last >= CHECKPOINT_EVERY_S:
+        if done in self.must or now - self.last >= self.every_s:
             self.last = now
             return True
         return False

@@ -114,7 +114,7 @@ def train_loop(config: dict, session: sessions.Session) -> None:
     store = weightstore.location(exp.storage_uri)  # what did not train is stored there once
 
     phase, model = None, module
-    cadence = Cadence(cfg.epochs, config.get("stops", ()))
+    cadence = Cadence(cfg.epochs, config.get("stops", ()), cfg.checkpoint_every_s)
     for epoch in range(start, cfg.epochs):
         spec = freeze_spec_at(cfg, epoch)
         # First epoch or a gradual phase change: refreeze, and wrap in a new DDP. A DDP wrapper

@@ -4,7 +4,7 @@ the sweep where that state cannot be used.
 Tune restores a sweep from its experiment state (tune/experiment_state-*.json). That state
 cannot be used when it cannot be read, when it was written before the results folder moved
 (Tune would restore some trials at the old place), when it names a checkpoint that is gone with
-no later one of its trial to continue from (a later one: stale_checkpoints), or when a trial it
+no intact one of its trial to continue from (else: stale_checkpoints), or when a trial it
 holds as finished has no intact checkpoint left. The sweep is then rebuilt from what each
 trial's folder holds (params.json, result.json, and the checkpoints with their manifests): the
 trials that ended with an intact checkpoint are kept, and the others run again in a new Tune
@@ -26,7 +26,7 @@ from ray import tune
 from boatray import storage
 from boatray.config import Experiment
 from boatray.finetune.checkpoints import META_FILE, checkpoints_under, intact_or_beside
-from boatray.finetune.stale_checkpoints import checkpoint_index, successor
+from boatray.finetune.stale_checkpoints import newest_intact
 from boatray.results import Layout
 
 STATE_PREFIX = "experiment_state-"
@@ -153,14 +153,14 @@ def _state_problem(tune_path: str, folders: list[TrialFolder]) -> str | None:
 
 
 def _gone_for_good(tune_path: str, named: str) -> bool:
-    """Whether the checkpoint Tune's state names is gone with no later one of its trial to
-    continue from (where there is one, stale_checkpoints.RecoverCheckpoints points Tune at it)."""
+    """Whether the checkpoint Tune's state names is gone with no intact checkpoint of its trial
+    to continue from (where there is one, stale_checkpoints.RecoverCheckpoints points Tune at
+    it)."""
     if storage.is_file(storage.join(storage.same_kind(tune_path, named), META_FILE)):
         return False
     filesystem, _ = storage.open_location(tune_path)
-    gone = checkpoint_index(named)
     trial = named.rstrip("/").rsplit("/", 1)[0]  # a path in `filesystem`, no scheme or query
-    return gone is None or successor(filesystem, trial, gone) is None
+    return newest_intact(filesystem, trial) is None
 
 
 def _trial_places(trial: str, metadata: str) -> tuple[str | None, str | None]:

@@ -1,12 +1,13 @@
 """A resumed sweep whose experiment state is older than its trials' checkpoints.
 
-Tune deletes a trial's previous checkpoint as soon as it registers a new one, and uploads the
-experiment state that names the new one afterwards, in the background. A driver killed in
-between leaves a state that names a checkpoint that is gone, and Tune then fails that trial
-("does not exist on storage anymore") instead of restoring it. On an object store the upload
-takes long enough to be hit: a SIGKILL right after a trial finished loses the trial.
-`RecoverCheckpoints` points every such trial at the checkpoint that replaced it before anything
-restarts: Ray 2.60's record of the trial's latest checkpoint is changed in place.
+Tune saves its experiment state every so often, in the background (and when a trial has
+written KEEP_CHECKPOINTS checkpoints since the last save), and deletes a trial's oldest
+checkpoint as soon as it registers a newer one. A driver killed in between leaves a state that
+names an older checkpoint of a trial than its newest, one that is gone (Tune would fail the
+trial: "does not exist on storage anymore"), or none at all (the trial would train again from
+epoch 1). `RecoverCheckpoints` points every trial that has not ended at its newest intact
+checkpoint (its files match its manifest: checkpoints.folder_problem) before anything restarts:
+Ray 2.60's record of the trial's latest checkpoint is changed in place.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pyarrow import fs
 from ray import tune
 
-from boatray.finetune.checkpoints import META_FILE
+from boatray.finetune.checkpoints import folder_problem
 
 RAY_CHECKPOINT_PREFIX = "checkpoint_"
 """How Tune names a trial's checkpoint folders: checkpoint_000001, ..."""
@@ -26,24 +27,24 @@ def checkpoint_index(path: str) -> int | None:
     return int(suffix) if suffix.isdigit() else None
 
 
-def successor(filesystem: fs.FileSystem, trial_path: str, gone: int) -> tuple[int, str] | None:
-    """(index, path) of the oldest checkpoint of a trial newer than checkpoint `gone`, with its
-    meta.json; None where there is none. Tune deleted `gone` when it registered a newer one, and
-    deletes a registered checkpoint only once a newer one is registered: the oldest newer one
-    is therefore complete (a newer one still may be half uploaded)."""
-    found = sorted((index, info.path) for info in filesystem.get_file_info(
+def checkpoints_of(filesystem: fs.FileSystem, trial_path: str) -> list[tuple[int, str]]:
+    """(index, path) of every checkpoint folder of a trial, newest first."""
+    return sorted(((index, info.path) for info in filesystem.get_file_info(
         fs.FileSelector(trial_path, allow_not_found=True))
         if info.type == fs.FileType.Directory
-        and (index := checkpoint_index(info.path)) is not None and index > gone)
-    for index, path in found:
-        if filesystem.get_file_info(f"{path}/{META_FILE}").type == fs.FileType.File:
-            return index, path
-    return None
+        and (index := checkpoint_index(info.path)) is not None), reverse=True)
+
+
+def newest_intact(filesystem: fs.FileSystem, trial_path: str) -> tuple[int, str] | None:
+    """(index, path) of a trial's newest checkpoint whose files match its manifest; None where
+    it has none (a newer one may be half written, or damaged)."""
+    return next(((index, path) for index, path in checkpoints_of(filesystem, trial_path)
+                 if folder_problem(filesystem, path) is None), None)
 
 
 class RecoverCheckpoints(tune.Callback):
-    """Before a resumed sweep restarts anything: a trial whose recorded checkpoint is gone
-    continues from the one that replaced it."""
+    """Before a resumed sweep restarts anything: every trial that has not ended continues from
+    its newest intact checkpoint, whatever the experiment state recorded."""
 
     def __init__(self) -> None:
         self.checked = False
@@ -52,20 +53,37 @@ class RecoverCheckpoints(tune.Callback):
         if self.checked:
             return
         self.checked = True
-        from ray.train import Checkpoint
-
         for trial in trials:
-            recorded = trial.checkpoint
-            if recorded is None or recorded.filesystem.get_file_info(
-                    recorded.path).type != fs.FileType.NotFound:
-                continue
-            filesystem, gone = trial.storage.storage_filesystem, checkpoint_index(recorded.path)
-            found = None if gone is None else successor(filesystem, trial.storage.trial_fs_path,
-                                                        gone)
-            if found is None:
-                continue
-            index, path = found
-            trial.latest_checkpoint_result.checkpoint = Checkpoint(path, filesystem)
-            trial.storage.current_checkpoint_index = index  # the next one is index + 1
-            trial.invalidate_json_state()
-            trial.run_metadata.invalidate_cache()
+            if trial.status != trial.TERMINATED:
+                _point_at_newest(trial)
+
+
+def _point_at_newest(trial) -> None:
+    """Make a Tune trial's latest checkpoint its newest intact one, where that is another; one
+    line where its newest is damaged."""
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+
+    from boatray.finetune.rebuild import describe_config
+
+    filesystem = trial.storage.storage_filesystem
+    found = checkpoints_of(filesystem, trial.storage.trial_fs_path)
+    newest = newest_intact(filesystem, trial.storage.trial_fs_path)
+    if found and found[0] != newest:
+        print(f"[sweep] trial {trial.trial_id} ({describe_config(trial.config)}): its newest "
+              f"checkpoint is damaged ({folder_problem(filesystem, found[0][1])}); it "
+              + (f"resumes from {newest[1]}" if newest else "trains again from epoch 1"),
+              flush=True)
+    recorded = trial.checkpoint
+    if newest is None or (recorded is not None and recorded.path.rstrip("/") == newest[1]):
+        return
+    index, path = newest
+    checkpoint = Checkpoint(path, filesystem)
+    if trial.latest_checkpoint_result is not None:
+        trial.latest_checkpoint_result.checkpoint = checkpoint
+    else:  # none recorded: as Tune registers one a trial reports
+        trial.run_metadata.checkpoint_manager.register_checkpoint(
+            _TrainingResult(checkpoint=checkpoint, metrics={}))
+    trial.storage.current_checkpoint_index = index  # the next one is index + 1
+    trial.invalidate_json_state()
+    trial.run_metadata.invalidate_cache()

@@ -296,8 +296,6 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> list[tun
                                 len(grid_points(exp)) if exp.sweep.search == "grid"
                                 else exp.sweep.num_samples, trial_count(exp)))
     folders = rebuild.trial_folders(exp)
-    for line in rebuild.damage_lines(folders):
-        print(f"[sweep] {line}", flush=True)
     problem = rebuild.problem(tune_path, folders)
     if not problem:
         print(f"[sweep] resuming {tune_path}", flush=True)
@@ -307,8 +305,7 @@ def run_sweep(exp: Experiment, manifest: Path, resume: bool = False) -> list[tun
         except Exception as exc:  # noqa: BLE001 - Tune's own state files, in any way damaged
             problem = f"Tune cannot restore it ({type(exc).__name__})"
     if problem:
-        return _rebuilt(exp, manifest, caches, rebuild.plan(exp, folders, trial_count(exp)),
-                        problem)
+        return _rebuilt(exp, manifest, caches, folders, problem)
     results = _fit(exp, tuner)
     return results + rebuild.kept_outside(results, folders)
 
@@ -323,9 +320,13 @@ def _fit(exp: Experiment, tuner: tune.Tuner) -> list[tune.Result]:
 
 
 def _rebuilt(exp: Experiment, manifest: Path, caches: dict[str, str | None],
-             plan: rebuild.Rebuild, problem: str) -> list[tune.Result]:
-    """The sweep rebuilt as `plan` says, because of `problem` (one line says both): a new Tune
-    experiment of the configurations to run again, and the results of the trials kept."""
+             folders: list[rebuild.TrialFolder], problem: str) -> list[tune.Result]:
+    """The sweep rebuilt from its trial folders because of `problem` (one line says it and the
+    plan, one per damaged checkpoint): a new Tune experiment of the configurations to run
+    again, and the results of the trials kept."""
+    plan = rebuild.plan(exp, folders, trial_count(exp))
+    for line in rebuild.damage_lines(folders):  # Tune's own restore: RecoverCheckpoints
+        print(f"[sweep] {line}", flush=True)
     print(f"[sweep] {Layout.TUNE}/: {problem}: {plan.line()}", flush=True)
     rebuild.set_aside(storage.join(exp.storage_uri, Layout.TUNE))
     if not (plan.points or plan.fresh):
