@@ -231,23 +231,20 @@ def test_the_readme_smoke_job_scales_workers_from_zero_and_back(cluster):
 
 
 def test_a_node_lost_mid_trial_and_mid_extraction_needs_no_resume(cluster):
-    """A worker node killed while the extraction actor runs on it (the sweep's one pass over
-    the images comes first), another while the study's one trial trains on it (after its second
-    epoch): Ray Data restarts the actor, Tune restarts the trial from its last checkpoint, the
-    autoscaler adds the nodes the work needs, and the job finishes without --resume."""
-    name, epochs = "node-lost", 4
+    """A worker node killed while the study's one trial trains on it (after its second epoch),
+    another while the extraction actor runs on it (`all` needs no frozen-prefix cache, so the
+    features are extracted after the sweep): Tune restarts the trial from its last checkpoint,
+    Ray Data restarts the actor, the autoscaler adds the nodes the work needs, and the job
+    finishes without --resume."""
+    name, epochs = "node-lost", 10  # enough left after epoch 2 to find the trial and kill it
     overrides = ["--set", f"name={name}", "--set", "sweep.freeze=[all]",
                  "--set", "sweep.lr=[0.001]", "--set", "sweep.asha.enabled=false",
                  "--set", f"train.epochs={epochs}", "--set", "baseline.enabled=false",
-                 # an extraction long enough to interrupt; a checkpoint after every epoch
-                 "--set", "data.synthetic.test_per_class=150",
-                 "--set", "train.checkpoint_every_s=0"]
+                 # a checkpoint after every epoch; an extraction of seconds, long enough to kill
+                 "--set", "train.checkpoint_every_s=0",
+                 "--set", "data.synthetic.test_per_class=500"]
     _, output, job = cluster.submit(*overrides, wait=False)
     results = cluster.results(name)
-    extraction = "MapWorker(MapBatches(TrunkRunner))"
-    (actor,) = wait_for("the extraction actor", lambda: cluster.alive_actors(extraction), 600)
-    lost_in_extraction = actor["node_id"]
-    localcluster.kill_node(cluster.handle, lost_in_extraction)
     # the driver's line for epoch 2: Tune holds epoch 1's checkpoint at the latest (it takes
     # an epoch's checkpoint a moment after printing that epoch's line)
     epoch_two = re.compile(rf"\[sweep\] trial 1/1 \S+ .* epoch 2/{epochs}:")
@@ -258,6 +255,10 @@ def test_a_node_lost_mid_trial_and_mid_extraction_needs_no_resume(cluster):
                         cluster.handle.directory, env=cluster.env)
     assert killed.returncode == 0, killed.stdout + killed.stderr
     print(killed.stdout.splitlines()[0], "after epoch 2", flush=True)
+    extraction = "MapWorker(MapBatches(TrunkRunner))"
+    (actor,) = wait_for("the extraction actor", lambda: cluster.alive_actors(extraction), 600)
+    lost_in_extraction = actor["node_id"]
+    localcluster.kill_node(cluster.handle, lost_in_extraction)
     status, shown = cluster.finish(job)
     timeline = cluster.timeline.report("node-loss job")
     assert status == "SUCCEEDED", shown
