@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from boatray import precision
+from boatray import precision, sizing
 from boatray.cluster import Capacity
 from boatray.config import Experiment
 from boatray.results import atomic_write_text
@@ -177,7 +177,7 @@ def calibrate(exp: Experiment, frame: pd.DataFrame) -> Calibration:
              f"{trial_threads} per trial",
         decode_s=_decode_seconds(paths, size), trunk_s=trunk_s,
         trunk_rate=f"trunk {1 / trunk_s:.1f} images/s at {size[0]}x{size[1]}, batch "
-                   f"{exp.features.batch_size}, "
+                   f"{sizing.features_batch(exp.features)}, "
                    f"{precision.compute_dtype(exp.features.amp, 'cpu')}",
         prefix_s=prefix_s, train_s=train_s, eval_s=eval_s, cached=cached, single=single,
         seconds=time.perf_counter() - began)
@@ -214,7 +214,7 @@ def _trunk_seconds(trunk, exp: Experiment) -> float:
         runner({**rows, "error": np.array([""] * count), "decode_seconds": np.zeros(count),
                 "image": np.zeros((count, *exp.data.image_size, 3), dtype=np.uint8)})
 
-    return _per_image(extract, feats.batch_size)
+    return _per_image(extract, sizing.features_batch(feats))
 
 
 def _step_seconds(network, shape: tuple[int, ...], cfg, classes: int) -> tuple[float, float]:
@@ -236,10 +236,10 @@ def _step_seconds(network, shape: tuple[int, ...], cfg, classes: int) -> tuple[f
         return [(torch.zeros((count, *shape), dtype=kind), torch.zeros(count, dtype=torch.long)
                  % classes)]
 
+    size = sizing.fixed_train_batch(cfg)  # `auto` is a GPU's: on a CPU, the fixed one
     train = _per_image(lambda n: engine.train_one_epoch(network, batch(n), criterion,
-                                                        optimizer, device), cfg.batch_size)
-    valid = _per_image(lambda n: engine.evaluate(network, batch(n), criterion, device),
-                       cfg.batch_size)
+                                                        optimizer, device), size)
+    valid = _per_image(lambda n: engine.evaluate(network, batch(n), criterion, device), size)
     return train, valid
 
 

@@ -81,14 +81,16 @@ def test_a_run_on_gpus_is_not_estimated_from_this_nodes_cpus():
         "this node's CPUs"]
 
 
-def test_the_calibration_takes_seconds_and_times_every_step(tmp_path):
+@pytest.mark.parametrize("batches", [(), ("train.batch_size=auto", "features.batch_size=auto")])
+def test_the_calibration_takes_seconds_and_times_every_step(tmp_path, batches):
+    """Also with lab6's `batch_size: auto` (a GPU's choice): on a CPU, the fixed sizes."""
     from boatray.data import synthetic
 
     tree = synthetic.generate(tmp_path / "images", config.SyntheticConfig(
         classes=2, train_per_class=2, test_per_class=1, image_size=(48, 160)), seed=0)
     paths = sorted(str(p) for p in tree.rglob("*.jpg"))
     frame = pd.DataFrame({"path": paths, "split": "train", "label_idx": [0, 1] * (len(paths) // 2)})
-    cal = estimate.calibrate(smoke(), frame)
+    cal = estimate.calibrate(smoke(*batches), frame)
     assert cal.seconds < 30
     assert cal.cached == {"head": True, "last1": True}
     assert set(cal.single) == {"baseline"}
