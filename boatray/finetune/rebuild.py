@@ -160,7 +160,7 @@ def _gone_for_good(tune_path: str, named: str) -> bool:
         return False
     filesystem, _ = storage.open_location(tune_path)
     trial = named.rstrip("/").rsplit("/", 1)[0]  # a path in `filesystem`, no scheme or query
-    return newest_intact(filesystem, trial) is None
+    return newest_intact(filesystem, trial)[0] is None
 
 
 def _trial_places(trial: str, metadata: str) -> tuple[str | None, str | None]:

@@ -27,19 +27,22 @@ def checkpoint_index(path: str) -> int | None:
     return int(suffix) if suffix.isdigit() else None
 
 
-def checkpoints_of(filesystem: fs.FileSystem, trial_path: str) -> list[tuple[int, str]]:
-    """(index, path) of every checkpoint folder of a trial, newest first."""
-    return sorted(((index, info.path) for info in filesystem.get_file_info(
+def newest_intact(filesystem: fs.FileSystem, trial_path: str
+                  ) -> tuple[tuple[int, str] | None, str | None]:
+    """((index, path) of a trial's newest checkpoint whose files match its manifest, or None
+    where it has none; why its newest checkpoint is not that one, or None where it is): a newer
+    one may be half written, or damaged. One listing of the trial's folder."""
+    found = sorted(((index, info.path) for info in filesystem.get_file_info(
         fs.FileSelector(trial_path, allow_not_found=True))
         if info.type == fs.FileType.Directory
         and (index := checkpoint_index(info.path)) is not None), reverse=True)
-
-
-def newest_intact(filesystem: fs.FileSystem, trial_path: str) -> tuple[int, str] | None:
-    """(index, path) of a trial's newest checkpoint whose files match its manifest; None where
-    it has none (a newer one may be half written, or damaged)."""
-    return next(((index, path) for index, path in checkpoints_of(filesystem, trial_path)
-                 if folder_problem(filesystem, path) is None), None)
+    damage = None
+    for index, path in found:
+        problem = folder_problem(filesystem, path)
+        if problem is None:
+            return (index, path), damage
+        damage = damage or problem
+    return None, damage
 
 
 class RecoverCheckpoints(tune.Callback):
@@ -67,11 +70,10 @@ def _point_at_newest(trial) -> None:
     from boatray.finetune.rebuild import describe_config
 
     filesystem = trial.storage.storage_filesystem
-    found = checkpoints_of(filesystem, trial.storage.trial_fs_path)
-    newest = newest_intact(filesystem, trial.storage.trial_fs_path)
-    if found and found[0] != newest:
+    newest, damage = newest_intact(filesystem, trial.storage.trial_fs_path)
+    if damage:
         print(f"[sweep] trial {trial.trial_id} ({describe_config(trial.config)}): its newest "
-              f"checkpoint is damaged ({folder_problem(filesystem, found[0][1])}); it "
+              f"checkpoint is damaged ({damage}); it "
               + (f"resumes from {newest[1]}" if newest else "trains again from epoch 1"),
               flush=True)
     recorded = trial.checkpoint
